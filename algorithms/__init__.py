@@ -1,0 +1,73 @@
+"""Credit-assignment strategies ("estimators"): each turns a rollout batch into per-token advantages.
+
+The contract, one signature for all::
+
+    credit = estimator.advantages(batch, ctx)      # Credit: advantages [B, L] (+ returns, stats)
+    stats = estimator.update_critic(batch, credit, ctx)   # only does work if it owns a critic
+
+and three declared needs that the training loop reads without knowing the strategy's name:
+``group_size`` (samples per prompt), ``critic`` (a module it owns and trains, or None) and whether
+it draws extra rollouts (it then uses ``ctx.values_by_rollouts``). Register with
+``@ESTIMATORS.register("name")`` (built-ins) or the ``rlzoo.estimators`` entry-point group
+(third-party packages: ``name = "package.module:EstimatorClass"``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from rlzoo.registry import Registry
+
+if TYPE_CHECKING:
+    from rlzoo.rollout import RolloutBatch
+
+ESTIMATORS: Registry = Registry(
+    "estimator",
+    "rlzoo.estimators",
+    builtin_modules=(
+        "rlzoo.algorithms.value_ppo",
+        "rlzoo.algorithms.grpo",
+        "rlzoo.algorithms.rloo",
+        "rlzoo.algorithms.vineppo",
+        "rlzoo.algorithms.reinforce",
+    ),
+)
+
+
+@dataclass
+class Credit:
+    advantages: torch.Tensor  # [B, L] float32, 0 outside the response mask
+    returns: torch.Tensor | None = None  # [B, L] float32: critic targets, for strategies with a critic
+    values: torch.Tensor | None = None  # [B, L] float32: the estimate of V(state before token i), if any
+    stats: dict[str, float] = field(default_factory=dict)  # logged as "credit/<key>"
+
+
+class Estimator:
+    """Defaults for the optional parts of the contract; a strategy overrides what it has."""
+
+    group_size: int = 1
+    critic: torch.nn.Module | None = None
+    uses_rollouts: bool = False  # draws extra rollouts through ctx (VinePPO, ReMax)
+
+    def setup(self, ctx: Any) -> None:
+        """Called once before training (e.g. to build a critic from the policy checkpoint)."""
+
+    def advantages(self, batch: "RolloutBatch", ctx: Any) -> Credit:
+        raise NotImplementedError
+
+    def update_critic(self, batch: "RolloutBatch", credit: Credit, ctx: Any) -> dict[str, float]:
+        return {}
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+def build_estimator(name: str, **overrides) -> Estimator:
+    """The estimator registered as ``name``, configured by gin bindings (``overrides`` win)."""
+    return ESTIMATORS.get(name)(**overrides)

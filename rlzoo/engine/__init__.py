@@ -1,0 +1,58 @@
+"""The engine interface: every sampler in rlzoo (rollouts, MC values, evaluation) goes through it.
+
+    engine.generate(prompts, params) -> completions[num_prompts][params.n]
+
+Prompts are token ids (the caller tokenizes); completions come back as token ids and text with the
+reason they finished. Backends: ``torch`` (transformers model, CPU or GPU) and ``vllm`` (GPU, the
+``gpu`` extra). The torch engine samples from the very module being trained, so ``sync_weights`` is
+free; vLLM copies the new weights in place after each update.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Protocol, Sequence
+
+from rlzoo.registry import Registry
+
+ENGINES: Registry = Registry(
+    "engine", "rlzoo.engines", builtin_modules=("rlzoo.engine.torch_engine", "rlzoo.engine.vllm_engine")
+)
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    n: int = 1  # samples per prompt
+    temperature: float = 1.0  # 0 means greedy
+    top_p: float = 1.0
+    max_new_tokens: int = 256
+    stop: tuple[str, ...] = ()  # generation ends after the token that completes one of these strings
+    seed: int = 0  # same seed, same prompts, same weights -> same tokens (on CPU)
+
+
+@dataclass
+class Completion:
+    token_ids: list[int]  # generated tokens, EOS / stop-completing token included
+    text: str  # decoded text, special tokens and the stop string removed
+    finish_reason: Literal["stop", "length"]  # "stop": EOS or a stop string; "length": max_new_tokens
+
+
+@dataclass
+class EngineStats:
+    """Counters the training loop reads to log throughput by purpose."""
+
+    tokens_generated: int = 0
+    forward_tokens: int = 0  # prefill + decode tokens actually run through the model
+    seconds: float = 0.0
+    extra: dict = field(default_factory=dict)
+
+
+class Engine(Protocol):
+    stats: EngineStats
+
+    def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> list[list[Completion]]:
+        ...
+
+    def sync_weights(self, model) -> None:
+        """Make the engine sample from ``model``'s current weights."""
+        ...
