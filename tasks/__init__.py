@@ -30,3 +30,40 @@ class Problem:
 def get_task(name: str, **overrides):
     """Build the task registered as ``name`` (gin bindings apply; ``overrides`` win over them)."""
     return TASKS.get(name)(**overrides)
+
+
+class Task:
+    """What every task provides. Subclasses set the class attributes and override what differs.
+
+    Rewards: ``score`` grades a batch of completions, 1.0 for a correct final answer and 0.0 otherwise;
+    math-verify runs in worker processes with a hard wall-clock bound (``rlzoo.grading``).
+    Steps: ``split_steps`` returns the char offsets where each reasoning step of a completion starts
+    (the first is 0; ``[]`` for an empty completion).
+    """
+
+    name: str = ""
+    splits: tuple[str, ...] = ("train", "test")  # accepted by problems()
+    eval_splits: tuple[str, ...] = ("test",)  # evaluated during training, beside a fixed train subset
+    max_new_tokens: int = 256  # generation budget for one response
+    stop: tuple[str, ...] = ()  # stop strings besides EOS
+
+    def problems(self, split: str) -> list[Problem]:
+        raise NotImplementedError
+
+    def prompt(self, problem: Problem) -> str:
+        """The text the model continues."""
+        raise NotImplementedError
+
+    def target(self, problem: Problem) -> str:
+        """The SFT target completion for ``problem`` (its worked solution with the answer line)."""
+        raise NotImplementedError
+
+    def extract_answer(self, completion: str) -> str | None:
+        """The final answer a completion commits to (for majority voting), or None."""
+        raise NotImplementedError
+
+    def score(self, problems: list[Problem], completions: list[str]) -> list[float]:
+        raise NotImplementedError
+
+    def split_steps(self, completion: str) -> list[int]:
+        raise NotImplementedError

@@ -1,0 +1,63 @@
+"""The run folder: the only interface between ``rlzoo train``, ``rlzoo bench`` and ``rlzoo leaderboard``.
+
+A run folder holds one training run (one strategy, one task, one seed)::
+
+    RUN/
+      run.json          identity, written at start: {"format": 1, "algo", "task", "model", "seed",
+                        "budget": {"iterations"|"episodes"|"seconds": N}, "rlzoo_version",
+                        "command", "started"}; "status" is "running" | "finished" | "failed"
+      config.gin        the operative gin config (every binding that took effect)
+      metrics.jsonl     one JSON object per line, appended and flushed per record (see below)
+      tb/               TensorBoard events (same scalars)
+      checkpoints/      iter_NNNNNN/ folders (policy.safetensors, state.pt, ...); "latest" names the newest
+
+Every metrics record has ``"kind"`` ("train" or "eval"), ``"iteration"`` (0-based count of updates
+done), ``"episodes"`` (responses trained on so far), ``"time/train_total"`` (seconds of training so
+far, evaluation excluded: the wall-clock that comparisons use). Train records add
+``reward/mean``, ``time/<stage>`` (generation, mc, logprobs, critic, update, ...), ``tokens/policy``,
+``tokens/mc``, ``kl/ref``, ``memory/peak_rss_mb`` ...; eval records add ``eval/<split>/pass@1`` and
+``eval/<split>/maj@<k>`` for ``split`` in ``train`` (a fixed subset of the train split) and the task's
+eval splits (``test``, and ``ood_test`` for arith).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+FORMAT = 1
+
+
+def append_jsonl(path: Path, record: dict) -> None:
+    """Append one record and flush it to disk, so a killed run loses nothing it reported."""
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    if not Path(path).exists():
+        return []
+    records = []
+    for line in Path(path).read_text().splitlines():
+        if line.strip():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:  # a line cut by a kill mid-write: everything before it stands
+                break
+    return records
+
+
+def read_run(run_dir: Path) -> dict:
+    """run.json of a run folder (empty dict if absent)."""
+    p = Path(run_dir) / "run.json"
+    return json.loads(p.read_text()) if p.exists() else {}
+
+
+def write_run(run_dir: Path, info: dict) -> None:
+    p = Path(run_dir) / "run.json"
+    tmp = p.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(info, indent=2))
+    os.replace(tmp, p)
