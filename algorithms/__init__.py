@@ -51,6 +51,7 @@ class Estimator:
     group_size: int = 1
     critic: torch.nn.Module | None = None
     uses_rollouts: bool = False  # draws extra rollouts through ctx (VinePPO, ReMax)
+    loss_agg: str | None = None  # a loss aggregation that is part of the method (Dr. GRPO); None: ppo.loss_agg
 
     def setup(self, ctx: Any) -> None:
         """Called once before training (e.g. to build a critic from the policy checkpoint)."""

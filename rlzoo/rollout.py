@@ -9,11 +9,15 @@ response token, so "the state before token i" always exists.
 
 from __future__ import annotations
 
+import time
+from collections import Counter
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
-from rlzoo.tasks import Problem
+from rlzoo.engine import Completion, SamplingParams
+from rlzoo.tasks import Problem, Task
 
 
 @dataclass
@@ -62,3 +66,131 @@ class RolloutBatch:
             old_logprobs=pick(self.old_logprobs),
             ref_logprobs=pick(self.ref_logprobs),
         )
+
+
+def step_token_starts(tokenizer, response_ids: list[int], char_starts: list[int], offset: int) -> list[int]:
+    """Token positions (``offset`` + index in ``response_ids``) where the steps starting at
+    ``char_starts`` of the decoded response begin: the first token whose decoded prefix reaches the
+    step's first character. A token that straddles a boundary belongs to the step it starts in.
+    Binary search on decoded prefix lengths: exact for any tokenizer, O(steps · log T) decodes."""
+    decoded_len = {}
+
+    def prefix_len(n: int) -> int:  # characters decoded from the first n tokens
+        if n not in decoded_len:
+            decoded_len[n] = len(tokenizer.decode(response_ids[:n], skip_special_tokens=True))
+        return decoded_len[n]
+
+    starts = []
+    for c in char_starts:
+        lo, hi = 0, len(response_ids)
+        while lo < hi:  # smallest n with prefix_len(n + 1) > c: token n holds character c
+            mid = (lo + hi) // 2
+            if prefix_len(mid + 1) > c:
+                hi = mid
+            else:
+                lo = mid + 1
+        position = offset + min(lo, max(len(response_ids) - 1, 0))
+        if not starts or position > starts[-1]:
+            starts.append(position)
+    return starts or [offset]
+
+
+def build_batch(tokenizer, task: Task, problems: list[Problem], prompt_ids: list[list[int]],
+                completions: list[list[Completion]], scores: list[float]) -> RolloutBatch:
+    """Pack ``completions[p][j]`` (sample j of prompt p) into a right-padded RolloutBatch.
+    ``scores`` are the task rewards in the same flattened order."""
+    rows = [(p, c) for p, group in enumerate(completions) for c in group]
+    lengths = [len(prompt_ids[p]) + len(c.token_ids) for p, c in rows]
+    B, L = len(rows), max(lengths)
+    pad = tokenizer.pad_token_id
+    input_ids = torch.full((B, L), pad, dtype=torch.long)  # [B, L]
+    attention_mask = torch.zeros((B, L), dtype=torch.long)  # [B, L]
+    response_mask = torch.zeros((B, L), dtype=torch.float32)  # [B, L]
+    token_rewards = torch.zeros((B, L), dtype=torch.float32)  # [B, L]
+    step_starts = []
+    for b, (p, c) in enumerate(rows):
+        n_prompt, n_resp = len(prompt_ids[p]), len(c.token_ids)
+        input_ids[b, : n_prompt + n_resp] = torch.tensor(prompt_ids[p] + c.token_ids)
+        attention_mask[b, : n_prompt + n_resp] = 1
+        response_mask[b, n_prompt : n_prompt + n_resp] = 1.0
+        if n_resp:
+            token_rewards[b, n_prompt + n_resp - 1] = scores[b]
+        step_starts.append(step_token_starts(tokenizer, c.token_ids, task.split_steps(c.text), n_prompt))
+    return RolloutBatch(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        response_mask=response_mask,
+        token_rewards=token_rewards,
+        scores=torch.tensor(scores, dtype=torch.float32),
+        group_ids=torch.tensor([p for p, _ in rows], dtype=torch.long),
+        prompt_lens=torch.tensor([len(prompt_ids[p]) for p, _ in rows], dtype=torch.long),
+        step_starts=step_starts,
+        problems=[problems[p] for p, _ in rows],
+        response_texts=[c.text for _, c in rows],
+        finish_reasons=[c.finish_reason for _, c in rows],
+    )
+
+
+class Stopwatch:
+    """Seconds spent per stage; ``with watch("generation"): ...`` adds to that stage."""
+
+    def __init__(self):
+        self.seconds: Counter = Counter()
+
+    def __call__(self, stage: str):
+        watch = self
+
+        class _Span:
+            def __enter__(self):
+                self.t0 = time.perf_counter()
+
+            def __exit__(self, *exc):
+                watch.seconds[stage] += time.perf_counter() - self.t0
+
+        return _Span()
+
+
+@dataclass
+class EstimatorContext:
+    """What an estimator may use besides the batch: the policy, the engine and the task's reward
+    (for extra rollouts), the training sampler's settings, and counters the loop logs."""
+
+    policy: Any  # the AutoModelForCausalLM being trained
+    tokenizer: Any
+    engine: Any  # rlzoo.engine.Engine
+    task: Task
+    sampling: SamplingParams  # the training sampler's settings (n = group size)
+    model_path: str  # the checkpoint the policy started from (critics initialise from it)
+    device: torch.device
+    seed: int
+    iteration: int = 0
+    watch: Stopwatch = field(default_factory=Stopwatch)
+    tokens: Counter = field(default_factory=Counter)  # tokens generated by purpose: "policy", "mc", ...
+
+    def values_by_rollouts(self, states: list[list[int]], problems: list[Problem], prompt_lens: list[int],
+                           params: SamplingParams, purpose: str = "mc") -> torch.Tensor:
+        """Monte-Carlo value of each state: the mean task reward of ``params.n`` continuations.
+
+        states[i] is a token prefix (prompt + the first tokens of a response) of problems[i], whose
+        prompt is its first prompt_lens[i] tokens. Identical states are rolled out once. Returns [N]
+        float32. Time goes to stage ``purpose``; generated tokens to ``tokens[purpose]``; these
+        rollouts are never trained on.
+        """
+        with self.watch(purpose):
+            unique: dict[tuple, int] = {}  # state -> index of its first occurrence
+            for i, s in enumerate(states):
+                unique.setdefault(tuple(s), i)
+            keys = list(unique)
+            completions = self.engine.generate([list(k) for k in keys], params)  # [U][n]
+            texts, owners = [], []
+            for key, group in zip(keys, completions):
+                i = unique[key]
+                prefix_ids = list(key[prompt_lens[i]:])
+                for c in group:
+                    texts.append(self.tokenizer.decode(prefix_ids + c.token_ids, skip_special_tokens=True))
+                    owners.append(i)
+                    self.tokens[purpose] += len(c.token_ids)
+            rewards = torch.tensor(self.task.score([problems[i] for i in owners], texts), dtype=torch.float32)
+            value_of_unique = rewards.view(len(keys), params.n).mean(-1)  # [U]
+            slot = {key: u for u, key in enumerate(keys)}
+            return value_of_unique[torch.tensor([slot[tuple(s)] for s in states])]  # [N]

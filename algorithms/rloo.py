@@ -1,0 +1,31 @@
+"""RLOO (Ahmadian et al. 2024): each response's baseline is the mean reward of the *other* samples
+of its prompt, an unbiased baseline; every token gets the response's advantage."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import gin
+import torch
+
+from rlzoo.algorithms import ESTIMATORS, Credit, Estimator
+from rlzoo.algorithms.grpo import group_mean_std
+
+
+def rloo_advantages(scores: torch.Tensor, group_ids: torch.Tensor) -> torch.Tensor:
+    """r_i - mean_{j != i} r_j within each group; 0 for a group of one. [B] -> [B]."""
+    mean, _, size = group_mean_std(scores, group_ids)
+    others = size - 1
+    leave_one_out = (mean * size - scores) / others.clamp(min=1)
+    return torch.where(others > 0, scores - leave_one_out, torch.zeros_like(scores))
+
+
+@ESTIMATORS.register("rloo")
+@gin.configurable("rloo")
+@dataclass
+class RLOO(Estimator):
+    group_size: int = 8  # samples per prompt (k in the paper)
+
+    def advantages(self, batch, ctx) -> Credit:
+        adv = rloo_advantages(batch.token_rewards.sum(-1), batch.group_ids)  # [B]
+        return Credit(advantages=adv[:, None] * batch.response_mask)

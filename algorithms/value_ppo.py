@@ -1,0 +1,115 @@
+"""PPO with a value network (Schulman et al. 2017; Ouyang et al. 2022): a critic with the policy's
+architecture, initialised from the same checkpoint plus a scalar head, and GAE(γ, λ) advantages.
+The VinePPO paper's baseline: λ = γ = 1, value clipping 0.2."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import gin
+import torch
+from torch import nn
+
+from rlzoo.algorithms import ESTIMATORS, Credit, Estimator
+from rlzoo.ppo import masked_mean, minibatch_indices, value_loss
+
+
+class ValueModel(nn.Module):
+    """The policy's transformer body (``AutoModel``: no LM head) and a scalar head.
+    forward -> values [B, L] aligned with tokens: values[:, i] = V(input_ids[:, :i])."""
+
+    def __init__(self, model_path: str):
+        super().__init__()
+        from transformers import AutoModel
+
+        self.body = AutoModel.from_pretrained(model_path)
+        self.head = nn.Linear(self.body.config.hidden_size, 1)
+        nn.init.zeros_(self.head.weight)  # V = 0 everywhere at the start: the critic learns its scale
+        nn.init.zeros_(self.head.bias)
+
+    def forward(self, input_ids, attention_mask):
+        hidden = self.body(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # [B, L, H]
+        v = self.head(hidden.float()).squeeze(-1)  # [B, L]: value of the prefix ending at each token
+        return nn.functional.pad(v[:, :-1], (1, 0))  # shift: the state *before* token i
+
+
+def gae(token_rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float):
+    """Generalised advantage estimation over each row's response tokens (contiguous in ``mask``).
+    token_rewards, values, mask: [B, L]. Returns advantages, returns: [B, L], 0 outside the mask.
+    The value after a response's last token is 0 (the episode ends)."""
+    B, L = values.shape
+    advantages = torch.zeros_like(values)
+    next_value = torch.zeros(B)
+    running = torch.zeros(B)
+    for t in reversed(range(L)):
+        m = mask[:, t]
+        delta = token_rewards[:, t] + gamma * next_value - values[:, t]
+        running = m * (delta + gamma * lam * running)
+        advantages[:, t] = running
+        next_value = m * values[:, t]
+    return advantages, (advantages + values) * mask
+
+
+@ESTIMATORS.register("ppo")
+@gin.configurable("value_ppo")
+@dataclass
+class ValuePPO(Estimator):
+    group_size: int = 8  # samples per prompt (the paper samples 8 per prompt for every method)
+    gamma: float = 1.0  # discount
+    lam: float = 1.0  # GAE λ
+    value_clip: float = 0.2  # new values stay within ± this of the values at rollout time
+    critic_lr: float = 1e-4  # AdamW learning rate of the critic
+    critic_epochs: int = 2  # passes over each batch for the critic
+    critic_minibatches: int = 4  # critic optimizer steps per epoch
+    micro_batch_size: int = 64  # rows per critic forward/backward
+    max_grad_norm: float = 1.0  # critic gradient clipping
+
+    def setup(self, ctx) -> None:
+        self.critic = ValueModel(ctx.model_path).to(ctx.device)
+        self.optimizer = torch.optim.AdamW(self.critic.parameters(), lr=self.critic_lr, betas=(0.9, 0.95))
+
+    @torch.no_grad()
+    def predict(self, input_ids, attention_mask) -> torch.Tensor:  # [B, L]
+        self.critic.eval()
+        out = [self.critic(input_ids[i : i + self.micro_batch_size], attention_mask[i : i + self.micro_batch_size])
+               for i in range(0, input_ids.shape[0], self.micro_batch_size)]
+        return torch.cat(out).float().cpu()
+
+    def advantages(self, batch, ctx) -> Credit:
+        mask = batch.response_mask
+        values = self.predict(batch.input_ids.to(ctx.device), batch.attention_mask.to(ctx.device)) * mask  # [B, L]
+        advantages, returns = gae(batch.token_rewards, values, mask, self.gamma, self.lam)
+        residual_var = masked_mean((returns - values - masked_mean(returns - values, mask)) ** 2, mask)
+        returns_var = masked_mean((returns - masked_mean(returns, mask)) ** 2, mask)
+        explained_variance = 1.0 - (residual_var / returns_var.clamp(min=1e-8)).item()
+        return Credit(advantages=advantages, returns=returns, values=values,
+                      stats={"explained_variance": explained_variance, "value_mean": masked_mean(values, mask).item()})
+
+    def update_critic(self, batch, credit, ctx) -> dict[str, float]:
+        self.critic.train()
+        generator = torch.Generator().manual_seed(ctx.seed * 1_000_003 + ctx.iteration * 7 + 1)
+        device, losses = ctx.device, []
+        for rows in minibatch_indices(batch.size, self.critic_epochs, self.critic_minibatches, generator):
+            mask_mb = batch.response_mask[rows]
+            n_tokens = mask_mb.sum().clamp(min=1)
+            self.optimizer.zero_grad(set_to_none=True)
+            total = 0.0
+            for micro in rows.split(self.micro_batch_size):
+                mask = batch.response_mask[micro].to(device)
+                values = self.critic(batch.input_ids[micro].to(device), batch.attention_mask[micro].to(device))
+                per_token = value_loss(values, credit.values[micro].to(device), credit.returns[micro].to(device), mask, self.value_clip)
+                loss = (per_token * mask).sum() / n_tokens.to(device)
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(f"non-finite critic loss ({loss.item()})")
+                loss.backward()
+                total += loss.item()
+            torch.nn.utils.clip_grad_norm_(self.critic.parameters(), self.max_grad_norm)
+            self.optimizer.step()
+            losses.append(total)
+        return {"critic/loss": sum(losses) / max(len(losses), 1)}
+
+    def state_dict(self) -> dict:
+        return {"optimizer": self.optimizer.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])

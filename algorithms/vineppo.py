@@ -1,0 +1,68 @@
+"""VinePPO (Kazemnejad et al. 2024): unbiased Monte-Carlo values from the current policy.
+
+Split each response into reasoning steps with the task's splitter. From every step-boundary state
+s_t (prompt + the first t steps) draw K continuations with the training sampler's settings;
+V̂(s_t) = their mean reward. With reward only at the end and γ = 1, step t's advantage is
+A_t = V̂(s_{t+1}) - V̂(s_t), with V̂(s_m) := R for the final step, and every token of step t gets A_t.
+States past ``max_valued_steps`` take the final reward as their value (as the reference code does
+for GSM8K), so their steps get advantage 0. Identical states (e.g. the prompt-only state shared by
+all responses of a prompt) are valued once; MC rollouts are never trained on.
+
+Continuations get the full ``max_new_tokens`` budget from every state (one engine call for all
+states), so a late state may run a little past the original response budget.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import gin
+import torch
+
+from rlzoo.algorithms import ESTIMATORS, Credit, Estimator
+
+
+def step_advantages(step_values: list[float], final_reward: float) -> list[float]:
+    """A_t = V(s_{t+1}) - V(s_t) for steps t = 0..m-1, with V(s_m) = final reward."""
+    nxt = step_values[1:] + [final_reward]
+    return [b - a for a, b in zip(step_values, nxt)]
+
+
+@ESTIMATORS.register("vineppo")
+@gin.configurable("vineppo")
+@dataclass
+class VinePPO(Estimator):
+    group_size: int = 8  # samples per prompt (the paper: 8)
+    k: int = 9  # MC continuations per state (the paper: 9)
+    max_valued_steps: int = 100  # states after this many steps take the final reward as their value
+    uses_rollouts: bool = True
+
+    def advantages(self, batch, ctx) -> Credit:
+        # One state per valued step boundary of every response: (row, step index, token position).
+        states, problems, prompt_lens, where = [], [], [], []
+        for b in range(batch.size):
+            for t, position in enumerate(batch.step_starts[b][: self.max_valued_steps]):
+                states.append(batch.input_ids[b, :position].tolist())
+                problems.append(batch.problems[b])
+                prompt_lens.append(int(batch.prompt_lens[b]))
+                where.append((b, t))
+        mc_params = replace(ctx.sampling, n=self.k, seed=ctx.sampling.seed + 7919)  # not the policy rollouts' noise
+        values = ctx.values_by_rollouts(states, problems, prompt_lens, mc_params, purpose="mc").tolist()  # [N]
+
+        step_values: list[list[float]] = [[] for _ in range(batch.size)]
+        for (b, t), v in zip(where, values):
+            step_values[b].append(v)
+        advantages = torch.zeros_like(batch.response_mask)  # [B, L]
+        token_values = torch.zeros_like(batch.response_mask)  # [B, L]: V̂ of the step each token is in
+        final = batch.token_rewards.sum(-1).tolist()  # [B]
+        last = batch.last_token_index().tolist()  # [B]
+        for b in range(batch.size):
+            starts = batch.step_starts[b]
+            vals = step_values[b] + [final[b]] * (len(starts) - len(step_values[b]))  # capped states: V = R
+            ends = starts[1:] + [last[b] + 1]
+            for start, end, a, v in zip(starts, ends, step_advantages(vals, final[b]), vals):
+                advantages[b, start:end] = a
+                token_values[b, start:end] = v
+        advantages *= batch.response_mask
+        return Credit(advantages=advantages, values=token_values * batch.response_mask,
+                      stats={"mc_states": len(states), "mc_unique_states": len({tuple(s) for s in states})})

@@ -1,0 +1,205 @@
+"""The PPO core: log-probs, losses, aggregation and the update epochs. Strategy-agnostic: it takes
+per-token advantages from whichever estimator ran, and never asks which one.
+
+Every per-token tensor is ``[B, L]`` aligned with the token it scores (see ``rlzoo.rollout``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Iterator
+
+import gin
+import torch
+import torch.nn.functional as F
+
+AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
+KL_MODES = ("k3-loss", "k1-reward", "none")
+
+
+@gin.configurable("ppo")
+@dataclass
+class PPOConfig:
+    clip_eps: float = 0.2  # ratio clip ε of the surrogate
+    kl_coef: float = 1e-4  # β: weight of the KL to the frozen reference (0 disables the reference model)
+    kl_mode: str = "k3-loss"  # "k3-loss" (k3 estimator in the loss), "k1-reward" (k1 subtracted from the reward), "none"
+    kl_clamp: float = 10.0  # each token's k3 term is clamped to [-kl_clamp, kl_clamp], as the VinePPO reference does
+    loss_agg: str = "token-mean"  # one of AGGREGATIONS
+    loss_norm_tokens: int = 0  # constant per-sequence normaliser for seq-mean-token-sum-norm (0 = max_new_tokens)
+    whiten_advantages: bool = True  # normalise advantages to mean 0, std 1 over the batch's response tokens
+    epochs: int = 2  # passes over each rollout batch
+    minibatches: int = 4  # optimizer steps per epoch (the batch is split into this many minibatches)
+    micro_batch_size: int = 64  # rows per forward/backward (gradient accumulation inside a minibatch)
+    max_grad_norm: float = 1.0  # gradient clipping
+    ratio_skip_threshold: float = 5.0  # a minibatch whose mean ratio exceeds this (or 1/this) is skipped and counted
+
+    def __post_init__(self):
+        from rlzoo.errors import UserError
+
+        if self.loss_agg not in AGGREGATIONS:
+            raise UserError(f"ppo.loss_agg = {self.loss_agg!r}; expected one of {', '.join(AGGREGATIONS)}")
+        if self.kl_mode not in KL_MODES:
+            raise UserError(f"ppo.kl_mode = {self.kl_mode!r}; expected one of {', '.join(KL_MODES)}")
+        if self.epochs < 1 or self.minibatches < 1 or self.micro_batch_size < 1:
+            raise UserError("ppo.epochs, ppo.minibatches and ppo.micro_batch_size must be >= 1")
+
+
+# ----------------------------------------------------------------------------- log-probs
+
+
+def forward_logprobs(model, input_ids, attention_mask, temperature: float = 1.0, with_entropy: bool = False):
+    """Log-prob of each token under ``model`` at sampling temperature ``temperature``.
+
+    Returns logprobs [B, L] (0 at position 0) and, if asked, entropy [B, L] of the distribution each
+    token was drawn from. Dividing by the temperature makes the ratio compare the distributions the
+    tokens were actually sampled from (as verl does).
+    """
+    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1].float()  # [B, L-1, V]
+    if temperature > 0 and temperature != 1.0:
+        logits = logits / temperature
+    log_norm = torch.logsumexp(logits, dim=-1)  # [B, L-1]
+    token_logits = logits.gather(-1, input_ids[:, 1:, None]).squeeze(-1)  # [B, L-1]
+    logprobs = F.pad(token_logits - log_norm, (1, 0))  # [B, L]
+    if not with_entropy:
+        return logprobs, None
+    with torch.no_grad():
+        probs = torch.softmax(logits, dim=-1)
+        entropy = F.pad(log_norm - (probs * logits).sum(-1), (1, 0))  # [B, L]
+    return logprobs, entropy
+
+
+@torch.no_grad()
+def batched_logprobs(model, input_ids, attention_mask, temperature: float, micro_batch_size: int) -> torch.Tensor:
+    """``forward_logprobs`` in micro-batches, without gradients: old and reference log-probs [B, L]."""
+    was_training = model.training
+    model.eval()
+    out = [
+        forward_logprobs(model, input_ids[i : i + micro_batch_size], attention_mask[i : i + micro_batch_size], temperature)[0]
+        for i in range(0, input_ids.shape[0], micro_batch_size)
+    ]
+    model.train(was_training)
+    return torch.cat(out)
+
+
+# ----------------------------------------------------------------------------- losses
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return (x * mask).sum() / mask.sum().clamp(min=1)
+
+
+def masked_whiten(x: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """Shift and scale ``x`` to mean 0, std 1 over masked entries; 0 outside the mask."""
+    mean = masked_mean(x, mask)
+    var = masked_mean((x - mean) ** 2, mask)
+    return (x - mean) * torch.rsqrt(var + eps) * mask
+
+
+def aggregate(loss: torch.Tensor, mask: torch.Tensor, mode: str, denom: float, norm_tokens: int = 1) -> torch.Tensor:
+    """Reduce a per-token loss [b, L] of one micro-batch to a scalar that sums, over the micro-batches
+    of a minibatch, to the minibatch's aggregate. ``denom`` is the minibatch's token count
+    (token-mean) or sequence count (the seq-* modes), so gradient accumulation is exact."""
+    if mode == "token-mean":
+        return (loss * mask).sum() / denom
+    if mode == "seq-mean-token-mean":
+        per_seq = (loss * mask).sum(-1) / mask.sum(-1).clamp(min=1)  # [b]
+        return per_seq.sum() / denom
+    if mode == "seq-mean-token-sum-norm":  # Dr. GRPO: a constant normaliser, no length bias
+        return (loss * mask).sum() / (denom * norm_tokens)
+    raise ValueError(mode)
+
+
+def clipped_surrogate(logprobs, old_logprobs, advantages, clip_eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """PPO's per-token policy loss [b, L] and the ratio [b, L]. The max of the two terms removes the
+    incentive to move the ratio beyond [1 - ε, 1 + ε] in the direction the advantage favours."""
+    ratio = torch.exp(logprobs - old_logprobs)
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1.0 - clip_eps, 1.0 + clip_eps)
+    return torch.maximum(unclipped, clipped), ratio
+
+
+def kl_k3(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, clamp: float = 10.0) -> torch.Tensor:
+    """Per-token k3 estimate of KL(π || π_ref): exp(r) - r - 1 with r = log π_ref - log π; >= 0, unbiased."""
+    log_ratio = ref_logprobs - logprobs
+    return torch.clamp(torch.exp(log_ratio) - log_ratio - 1.0, -clamp, clamp)
+
+
+def kl_k1(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
+    """Per-token k1 estimate of KL(π || π_ref): log π - log π_ref."""
+    return logprobs - ref_logprobs
+
+
+def value_loss(values, old_values, returns, mask, clip: float) -> torch.Tensor:
+    """Clipped value loss 0.5·max((V - R)², (clip(V, V_old ± c) - R)²), per token [b, L]."""
+    clipped = old_values + torch.clamp(values - old_values, -clip, clip)
+    return 0.5 * torch.maximum((values - returns) ** 2, (clipped - returns) ** 2)
+
+
+# ----------------------------------------------------------------------------- update
+
+
+def minibatch_indices(batch_size: int, epochs: int, minibatches: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
+    """Row indices of each minibatch, ``epochs`` shuffled passes split into ``minibatches`` parts."""
+    per = math.ceil(batch_size / minibatches)
+    for _ in range(epochs):
+        perm = torch.randperm(batch_size, generator=generator)
+        for start in range(0, batch_size, per):
+            yield perm[start : start + per]
+
+
+def ppo_update(policy, optimizer, scheduler, batch, advantages, cfg: PPOConfig, temperature: float,
+               generator: torch.Generator, norm_tokens: int) -> dict[str, float]:
+    """PPO epochs over one rollout batch: clipped surrogate (+ k3 KL), minibatches, accumulation,
+    gradient clipping; minibatches whose mean ratio explodes are skipped. Returns logged statistics.
+
+    advantages: [B, L] float32, 0 outside ``batch.response_mask``.
+    """
+    policy.train()
+    use_k3 = cfg.kl_mode == "k3-loss" and cfg.kl_coef > 0 and batch.ref_logprobs is not None
+    totals = {"loss/policy": 0.0, "loss/kl": 0.0, "ppo/clip_frac": 0.0, "ppo/approx_kl_old": 0.0, "ppo/entropy": 0.0,
+              "ppo/ratio_mean": 0.0, "ppo/grad_norm": 0.0}
+    steps = skipped = 0
+    for rows in minibatch_indices(batch.size, cfg.epochs, cfg.minibatches, generator):
+        mask_mb = batch.response_mask[rows]  # [b, L]
+        denom = mask_mb.sum().item() if cfg.loss_agg == "token-mean" else float(len(rows))
+        tokens_mb = mask_mb.sum().clamp(min=1).item()
+        stats = dict.fromkeys(totals, 0.0)
+        optimizer.zero_grad(set_to_none=True)
+        for micro in rows.split(cfg.micro_batch_size):
+            mask = batch.response_mask[micro]
+            logprobs, entropy = forward_logprobs(policy, batch.input_ids[micro], batch.attention_mask[micro], temperature, with_entropy=True)
+            old = batch.old_logprobs[micro]
+            pg_loss, ratio = clipped_surrogate(logprobs, old, advantages[micro], cfg.clip_eps)
+            loss = aggregate(pg_loss, mask, cfg.loss_agg, denom, norm_tokens)
+            if use_k3:
+                kl = kl_k3(logprobs, batch.ref_logprobs[micro], cfg.kl_clamp)
+                kl_loss = aggregate(kl, mask, cfg.loss_agg, denom, norm_tokens)
+                loss = loss + cfg.kl_coef * kl_loss
+                stats["loss/kl"] += kl_loss.item()
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"non-finite policy loss ({loss.item()}) in the PPO update")
+            loss.backward()
+            with torch.no_grad():
+                w = lambda x: ((x * mask).sum() / tokens_mb).item()  # noqa: E731  token-weighted over the minibatch
+                stats["loss/policy"] += loss.item()
+                stats["ppo/clip_frac"] += w(((ratio - 1.0).abs() > cfg.clip_eps).float())
+                stats["ppo/approx_kl_old"] += w(0.5 * (logprobs - old) ** 2)
+                stats["ppo/entropy"] += w(entropy)
+                stats["ppo/ratio_mean"] += w(ratio)
+        r = stats["ppo/ratio_mean"]
+        if not (1.0 / cfg.ratio_skip_threshold <= r <= cfg.ratio_skip_threshold):
+            optimizer.zero_grad(set_to_none=True)
+            skipped += 1
+            continue
+        stats["ppo/grad_norm"] = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm).item()
+        optimizer.step()
+        scheduler.step()
+        steps += 1
+        for k in totals:
+            totals[k] += stats[k]
+    out = {k: v / max(steps, 1) for k, v in totals.items()}
+    out["ppo/optimizer_steps"] = steps
+    out["ppo/skipped_minibatches"] = skipped
+    out["lr"] = scheduler.get_last_lr()[0]
+    return out

@@ -1,0 +1,378 @@
+"""The training loop, top to bottom: sample prompts → rollouts → rewards → advantages → PPO epochs →
+periodic evaluation → log and checkpoint. It never asks which strategy it runs: everything
+strategy-specific sits behind the estimator's declared needs and its one method.
+
+The run folder's format is documented in ``rlzoo.runs``; re-running the same command on the same
+folder resumes from its last checkpoint, and on CPU the finished run's metrics equal an
+uninterrupted run's (every random draw derives from (seed, iteration), and all state is saved).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import resource
+import shutil
+import signal
+import sys
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import gin
+import torch
+
+from rlzoo import runs
+from rlzoo.algorithms import Estimator, build_estimator
+from rlzoo.engine import ENGINES, SamplingParams
+from rlzoo.errors import UserError
+from rlzoo.ppo import PPOConfig, batched_logprobs, kl_k1, kl_k3, masked_mean, masked_whiten, ppo_update
+from rlzoo.rollout import EstimatorContext, build_batch
+from rlzoo.tasks import Problem, get_task
+
+
+@gin.configurable("train")
+@dataclass
+class TrainConfig:
+    algo: str = "grpo"  # credit-assignment strategy (a registered estimator name)
+    task: str = "arith"  # a registered task name
+    model: str = "default"  # HF hub id, local path, or "default" (the built-in arith policy)
+    seed: int = 0  # every random draw of the run derives from it
+    engine: str = "torch"  # sampling backend: "torch" or "vllm"
+    device: str = "auto"  # "auto" (cuda if available), "cpu", "cuda", ...
+    iterations: int = 100  # budget: updates to run (also the horizon of the learning-rate schedule)
+    max_episodes: int = 0  # budget: stop once this many responses were trained on (0: no limit)
+    max_seconds: float = 0.0  # budget: stop once training (evaluation excluded) took this long (0: no limit)
+    prompts_per_iteration: int = 32  # prompts sampled per iteration (each gets estimator.group_size responses)
+    temperature: float = 0.6  # training sampler temperature (the paper: 0.6)
+    top_p: float = 0.9  # training sampler nucleus (the paper: 0.9)
+    max_new_tokens: int = 0  # response budget (0: the task's default)
+    lr: float = 1e-6  # policy AdamW learning rate (the paper: 1e-6)
+    warmup_ratio: float = 0.03  # linear warm-up over this fraction of the planned optimizer steps
+    lr_schedule: str = "constant"  # after warm-up: "constant", "linear" (to 0) or "cosine" (to 0)
+    weight_decay: float = 0.0  # AdamW weight decay
+    adam_betas: tuple = (0.9, 0.999)  # AdamW betas
+    eval_every: int = 10  # evaluate every this many iterations (and at the start and the end)
+    eval_samples: int = 16  # samples per problem at evaluation (pass@1 is their mean; maj@k their vote)
+    eval_temperature: float = 0.35  # evaluation sampler temperature (the paper: 0.35)
+    eval_top_p: float = 0.9  # evaluation sampler nucleus
+    eval_train_problems: int = 256  # size of the fixed train subset evaluated for train accuracy
+    eval_test_problems: int = 0  # problems per eval split (0: all)
+    checkpoint_every: int = 10  # checkpoint every this many iterations (and at the end)
+    keep_checkpoints: int = 2  # older checkpoints are deleted
+    engine_batch_size: int = 256  # rows the engine decodes at once
+
+
+def derive_seed(seed: int, iteration: int, salt: int) -> int:
+    """A distinct, reproducible seed for each (run seed, iteration, purpose)."""
+    return (seed * 1_000_003 + iteration * 10_007 + salt) % (2**31 - 1)
+
+
+def iteration_problems(problems: list[Problem], iteration: int, count: int, seed: int) -> list[Problem]:
+    """The prompts of ``iteration``: consecutive slices of seeded permutations of the train split,
+    one permutation per pass, so every strategy and a resumed run see the same prompts in the same order."""
+    n = len(problems)
+    out = []
+    for k in range(iteration * count, (iteration + 1) * count):
+        epoch, i = divmod(k, n)
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(derive_seed(seed, epoch, 17)))
+        out.append(problems[int(order[i])])
+    return out
+
+
+def lr_lambda(cfg: TrainConfig, total_steps: int):
+    warmup = max(1, int(cfg.warmup_ratio * total_steps))
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+        if cfg.lr_schedule == "linear":
+            return 1.0 - progress
+        if cfg.lr_schedule == "cosine":
+            return 0.5 * (1.0 + torch.cos(torch.tensor(progress * torch.pi)).item())
+        return 1.0
+
+    return factor
+
+
+def peak_memory_mb() -> float:
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    if torch.cuda.is_available():
+        rss = max(rss, torch.cuda.max_memory_allocated() / 2**20)
+    return rss
+
+
+class Interrupt:
+    """First Ctrl-C (or SIGTERM) asks the loop to save and stop at the end of the iteration; a second one stops now."""
+
+    def __init__(self):
+        self.requested = False
+
+    def __enter__(self):
+        self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print("\nrlzoo: stopping after this iteration (checkpoint will be saved); Ctrl-C again to stop now", file=sys.stderr)
+
+    def __exit__(self, *exc):
+        for s, h in self.previous.items():
+            signal.signal(s, h)
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def batch_on(batch, device):
+    """The tensors the PPO update reads, moved to ``device`` (a no-op on CPU)."""
+    if device.type == "cpu":
+        return batch
+    return replace(batch, **{k: getattr(batch, k).to(device) for k in
+                             ("input_ids", "attention_mask", "response_mask", "old_logprobs")},
+                   ref_logprobs=None if batch.ref_logprobs is None else batch.ref_logprobs.to(device))
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    pointer = run_dir / "checkpoints" / "latest"
+    if not pointer.exists():
+        return None
+    path = run_dir / "checkpoints" / pointer.read_text().strip()
+    return path if (path / "state.pt").exists() else None
+
+
+def save_checkpoint(run_dir: Path, state: dict, policy, tokenizer, estimator: Estimator, keep: int) -> None:
+    """Write iter_NNNNNN/ beside the others (atomically: a temp folder renamed), then point "latest" at it."""
+    from safetensors.torch import save_model
+
+    root = run_dir / "checkpoints"
+    name = f"iter_{state['iteration']:06d}"
+    tmp = root / f".{name}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    policy.save_pretrained(tmp / "policy", safe_serialization=True)
+    tokenizer.save_pretrained(tmp / "policy")
+    if estimator.critic is not None:
+        save_model(estimator.critic, str(tmp / "critic.safetensors"))
+    torch.save({**state, "estimator": estimator.state_dict()}, tmp / "state.pt")
+    shutil.rmtree(root / name, ignore_errors=True)
+    os.replace(tmp, root / name)
+    (root / "latest.tmp").write_text(name)
+    os.replace(root / "latest.tmp", root / "latest")
+    for old in sorted(p for p in root.glob("iter_*") if p.is_dir())[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+def train(run_dir: str | Path, cfg: TrainConfig | None = None, command: str = "") -> Path:
+    """Train one (strategy, task, seed) run into ``run_dir`` (resuming if it holds a checkpoint)."""
+    from rlzoo.evaluate import evaluate
+    from rlzoo.policy import load_policy
+
+    cfg = cfg or TrainConfig()
+    ppo_cfg = PPOConfig()
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.seed)
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device)
+
+    task = get_task(cfg.task)
+    estimator = build_estimator(cfg.algo)
+    identity = {"algo": cfg.algo, "task": cfg.task, "model": cfg.model, "seed": cfg.seed, "config": asdict(cfg) | {"ppo": asdict(ppo_cfg)}}
+    previous = runs.read_run(run_dir)
+    if previous and any(previous.get(k) != v for k, v in identity.items()):
+        raise UserError(f"{run_dir} holds another run ({previous.get('algo')}, {previous.get('task')}, seed "
+                        f"{previous.get('seed')}) or another config; pick a fresh --out or delete it")
+    if previous.get("status") == "finished":
+        print(f"rlzoo: {run_dir} is finished; nothing to do")
+        return run_dir
+
+    # Policy, frozen reference, engine. The reference is the *initial* policy, also on resume.
+    policy, tokenizer = load_policy(cfg.model, device=device)
+    model_path = policy.config._name_or_path
+    use_ref = ppo_cfg.kl_mode != "none" and ppo_cfg.kl_coef > 0
+    reference = copy.deepcopy(policy).eval().requires_grad_(False) if use_ref else None
+    checkpoint = latest_checkpoint(run_dir)
+    if checkpoint is not None:
+        from safetensors.torch import load_model
+
+        policy.load_state_dict(type(policy).from_pretrained(checkpoint / "policy").state_dict())
+    engine = ENGINES.get(cfg.engine)(policy, tokenizer, max_batch_size=cfg.engine_batch_size)
+
+    max_new_tokens = cfg.max_new_tokens or task.max_new_tokens
+    norm_tokens = ppo_cfg.loss_norm_tokens or max_new_tokens
+    sampling = SamplingParams(n=estimator.group_size, temperature=cfg.temperature, top_p=cfg.top_p,
+                              max_new_tokens=max_new_tokens, stop=task.stop)
+    ctx = EstimatorContext(policy=policy, tokenizer=tokenizer, engine=engine, task=task, sampling=sampling,
+                           model_path=model_path, device=device, seed=cfg.seed)
+    estimator.setup(ctx)
+
+    total_steps = cfg.iterations * ppo_cfg.epochs * ppo_cfg.minibatches
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, betas=tuple(cfg.adam_betas), weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, total_steps))
+    loss_agg = estimator.loss_agg or ppo_cfg.loss_agg
+    ppo_cfg = replace(ppo_cfg, loss_agg=loss_agg)
+
+    state = {"iteration": 0, "episodes": 0, "train_seconds": 0.0, "tokens": {}}
+    if checkpoint is not None:
+        from safetensors.torch import load_model
+
+        saved = torch.load(checkpoint / "state.pt", weights_only=False)
+        optimizer.load_state_dict(saved["optimizer"])
+        scheduler.load_state_dict(saved["scheduler"])
+        estimator.load_state_dict(saved["estimator"])
+        if estimator.critic is not None:
+            load_model(estimator.critic, str(checkpoint / "critic.safetensors"))
+        state = {k: saved[k] for k in state}
+        ctx.tokens.update(state["tokens"])
+        # Keep exactly what the checkpoint had seen: train records up to it, evals before it.
+        kept = [r for r in runs.read_jsonl(run_dir / "metrics.jsonl")
+                if r["iteration"] < state["iteration"] or (r["kind"] == "train" and r["iteration"] == state["iteration"])]
+        (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in kept))
+        print(f"rlzoo: resuming {run_dir} from iteration {state['iteration']}")
+    else:
+        (run_dir / "metrics.jsonl").write_text("")
+    (run_dir / "config.gin").write_text(gin.operative_config_str() or gin.config_str())
+    runs.write_run(run_dir, identity | {"format": runs.FORMAT, "status": "running", "command": command,
+                                         "budget": {"iterations": cfg.iterations, "episodes": cfg.max_episodes, "seconds": cfg.max_seconds},
+                                         "rlzoo_version": __import__("rlzoo").__version__,
+                                         "started": previous.get("started") or time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+
+    from torch.utils.tensorboard import SummaryWriter
+
+    tb = SummaryWriter(str(run_dir / "tb"))
+    train_problems = task.problems("train")
+    subset_order = torch.randperm(len(train_problems), generator=torch.Generator().manual_seed(derive_seed(cfg.seed, 0, 23)))
+    eval_sets = {"train": [train_problems[int(i)] for i in subset_order[: cfg.eval_train_problems]]}
+    for split in task.eval_splits:
+        problems = task.problems(split)
+        eval_sets[split] = problems[: cfg.eval_test_problems] if cfg.eval_test_problems else problems
+
+    def log(record: dict) -> None:
+        record = {"kind": record.pop("kind"), "iteration": state["iteration"], "episodes": state["episodes"],
+                  "time/train_total": state["train_seconds"]} | record
+        runs.append_jsonl(run_dir / "metrics.jsonl", record)
+        for key, value in record.items():
+            if isinstance(value, (int, float)) and key != "iteration":
+                tb.add_scalar(key, value, state["iteration"])
+        tb.flush()
+
+    def run_eval() -> None:
+        t0 = time.perf_counter()
+        record = {"kind": "eval"}
+        for split, problems in eval_sets.items():
+            result = evaluate(policy, tokenizer, engine, task, problems, samples=cfg.eval_samples,
+                              temperature=cfg.eval_temperature, top_p=cfg.eval_top_p,
+                              max_new_tokens=max_new_tokens, seed=derive_seed(cfg.seed, state["iteration"], 29))
+            record |= {f"eval/{split}/{k}": v for k, v in result.items() if isinstance(v, (int, float))}
+        record["time/eval"] = time.perf_counter() - t0
+        log(record)
+
+    def budget_left() -> bool:
+        return (state["iteration"] < cfg.iterations
+                and not (cfg.max_episodes and state["episodes"] >= cfg.max_episodes)
+                and not (cfg.max_seconds and state["train_seconds"] >= cfg.max_seconds))
+
+    def checkpoint_now() -> None:
+        save_checkpoint(run_dir, state | {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()},
+                        policy, tokenizer, estimator, cfg.keep_checkpoints)
+
+    def train_iteration(it: int) -> dict:
+        """One iteration: rollouts, rewards, log-probs, credit, critic, PPO update. Returns its record."""
+        t_start = time.perf_counter()
+        watch, tokens_before = ctx.watch, dict(ctx.tokens)
+        watch.seconds.clear()
+        ctx.iteration = it
+        ctx.sampling = replace(sampling, seed=derive_seed(cfg.seed, it, 1))
+
+        # 1. Rollouts: group_size responses to each of this iteration's prompts.
+        problems = iteration_problems(train_problems, it, cfg.prompts_per_iteration, cfg.seed)
+        prompt_ids = [tokenizer(task.prompt(p), add_special_tokens=True)["input_ids"] for p in problems]
+        with watch("generation"):
+            completions = engine.generate(prompt_ids, ctx.sampling)  # [P][G]
+        ctx.tokens["policy"] += sum(len(c.token_ids) for group in completions for c in group)
+
+        # 2. Rewards (graded in worker processes for math-verify tasks).
+        with watch("reward"):
+            flat_problems = [p for p, group in zip(problems, completions) for _ in group]
+            scores = task.score(flat_problems, [c.text for group in completions for c in group])
+            batch = build_batch(tokenizer, task, problems, prompt_ids, completions, scores)
+
+        # 3. Log-probs of the sampled tokens under the sampling policy and the reference.
+        with watch("logprobs"):
+            ids, attn, mask = batch.input_ids.to(device), batch.attention_mask.to(device), batch.response_mask
+            batch.old_logprobs = batched_logprobs(policy, ids, attn, cfg.temperature, ppo_cfg.micro_batch_size).cpu()
+            kl_stats = {}
+            if reference is not None:
+                batch.ref_logprobs = batched_logprobs(reference, ids, attn, cfg.temperature, ppo_cfg.micro_batch_size).cpu()
+                kl_stats = {"kl/ref_k1": masked_mean(kl_k1(batch.old_logprobs, batch.ref_logprobs), mask).item(),
+                            "kl/ref": masked_mean(kl_k3(batch.old_logprobs, batch.ref_logprobs), mask).item()}
+                if ppo_cfg.kl_mode == "k1-reward":
+                    batch.token_rewards = batch.token_rewards - ppo_cfg.kl_coef * kl_k1(batch.old_logprobs, batch.ref_logprobs) * mask
+
+        # 4. Credit: the only strategy-specific step (its MC rollouts, if any, time themselves as "mc").
+        t0 = time.perf_counter()
+        credit = estimator.advantages(batch, ctx)
+        watch.seconds["advantages"] += time.perf_counter() - t0 - sum(watch.seconds[k] for k in ("mc", "baseline"))
+        with watch("critic"):
+            critic_stats = estimator.update_critic(batch, credit, ctx)
+        raw = credit.advantages
+        advantages = masked_whiten(raw, mask) if ppo_cfg.whiten_advantages else raw  # [B, L]
+
+        # 5. PPO epochs on the policy; the engine then samples from the new weights.
+        with watch("update"):
+            update_stats = ppo_update(policy, optimizer, scheduler, batch_on(batch, device), advantages.to(device),
+                                      ppo_cfg, cfg.temperature, torch.Generator().manual_seed(derive_seed(cfg.seed, it, 3)),
+                                      norm_tokens)
+            engine.sync_weights(policy)
+
+        lengths = batch.response_lens().float()
+        return {
+            "kind": "train", "episodes": batch.size,
+            "reward/mean": batch.scores.mean().item(),
+            "reward/std": batch.scores.std().item() if batch.size > 1 else 0.0,
+            "response/length_mean": lengths.mean().item(),
+            "response/truncated_frac": sum(r == "length" for r in batch.finish_reasons) / batch.size,
+            "advantage/mean": masked_mean(raw, mask).item(),
+            "advantage/std": masked_mean((raw - masked_mean(raw, mask)) ** 2, mask).sqrt().item(),
+            "advantage/abs_max": (raw * mask).abs().max().item(),
+            **{f"credit/{k}": v for k, v in credit.stats.items()}, **kl_stats, **critic_stats, **update_stats,
+            **{f"time/{k}": v for k, v in watch.seconds.items()},
+            **{f"tokens/{k}": ctx.tokens[k] for k in ctx.tokens},
+            **{f"tokens_iter/{k}": ctx.tokens[k] - tokens_before.get(k, 0) for k in ctx.tokens},
+            "time/iteration": time.perf_counter() - t_start,
+            "memory/peak_rss_mb": peak_memory_mb(),
+        }
+
+    try:
+        with Interrupt() as interrupt:
+            while True:
+                it = state["iteration"]
+                if it % cfg.eval_every == 0 or not budget_left():
+                    run_eval()
+                if not budget_left() or interrupt.requested:
+                    break
+                record = train_iteration(it)
+                state["iteration"] += 1
+                state["episodes"] += record.pop("episodes")
+                state["train_seconds"] += record["time/iteration"]
+                state["tokens"] = dict(ctx.tokens)
+                log(record)
+                if state["iteration"] % cfg.checkpoint_every == 0:
+                    checkpoint_now()
+            checkpoint_now()
+            finished = not budget_left()
+    except FloatingPointError as e:
+        runs.write_run(run_dir, runs.read_run(run_dir) | {"status": "failed", "error": str(e)})
+        raise UserError(f"{e} at iteration {state['iteration']}; the last good checkpoint in {run_dir}/checkpoints "
+                        f"is intact (lower train.lr or raise ppo.kl_coef)") from None
+    finally:
+        tb.close()
+    runs.write_run(run_dir, runs.read_run(run_dir) | {"status": "finished" if finished else "running"})
+    return run_dir

@@ -1,0 +1,205 @@
+"""Estimators against closed forms: GAE vs a plain loop, group baselines per group, VinePPO's MC
+values on a toy whose state values are known exactly."""
+
+import random
+
+import pytest
+import torch
+
+from rlzoo.algorithms import ESTIMATORS, build_estimator
+from rlzoo.algorithms.grpo import grpo_advantages
+from rlzoo.algorithms.rloo import rloo_advantages
+from rlzoo.algorithms.value_ppo import gae
+from rlzoo.algorithms.vineppo import step_advantages
+from rlzoo.engine import Completion, EngineStats, SamplingParams
+from rlzoo.policy import build_char_tokenizer
+from rlzoo.rollout import EstimatorContext, build_batch
+from rlzoo.tasks import Problem, Task
+
+
+def test_gae_matches_a_plain_python_loop():
+    torch.manual_seed(0)
+    B, L = 5, 12
+    values, rewards = torch.randn(B, L), torch.randn(B, L)
+    mask = torch.zeros(B, L)
+    spans = [(2, 12), (3, 9), (1, 2), (4, 11), (5, 12)]  # a response of one token included
+    for b, (s, e) in enumerate(spans):
+        mask[b, s:e] = 1
+    for gamma, lam in [(1.0, 1.0), (0.99, 0.95), (0.9, 0.0)]:
+        adv, ret = gae(rewards, values * mask, mask, gamma, lam)
+        for b, (s, e) in enumerate(spans):
+            running, expected = 0.0, {}
+            for t in reversed(range(s, e)):
+                next_v = values[b, t + 1].item() if t + 1 < e else 0.0
+                delta = rewards[b, t].item() + gamma * next_v - values[b, t].item()
+                running = delta + gamma * lam * running
+                expected[t] = running
+            for t in range(L):
+                want = expected.get(t, 0.0)
+                assert abs(adv[b, t].item() - want) < 1e-5
+                if t in expected:
+                    assert abs(ret[b, t].item() - (want + values[b, t].item())) < 1e-5
+
+
+GROUPS = torch.tensor([0, 0, 0, 0, 1, 1, 1, 2, 3, 3])
+SCORES = torch.tensor([1.0, 0.0, 1.0, 1.0, 0.5, 0.5, 0.5, 1.0, 0.0, 1.0])
+
+
+def _closed_form(fn):
+    out = torch.zeros_like(SCORES)
+    for g in GROUPS.unique():
+        rows = (GROUPS == g).nonzero().squeeze(-1).tolist()
+        r = [SCORES[i].item() for i in rows]
+        for j, i in enumerate(rows):
+            out[i] = fn(r, j)
+    return out
+
+
+def test_grpo_dr_grpo_and_rloo_match_their_per_group_closed_forms():
+    eps = 1e-6
+
+    def grpo(r, j):
+        if len(r) == 1:
+            return 0.0
+        mean = sum(r) / len(r)
+        std = (sum((x - mean) ** 2 for x in r) / (len(r) - 1)) ** 0.5
+        return (r[j] - mean) / (std + eps)
+
+    def dr_grpo(r, j):
+        return r[j] - sum(r) / len(r)
+
+    def rloo(r, j):
+        return 0.0 if len(r) == 1 else r[j] - (sum(r) - r[j]) / (len(r) - 1)
+
+    assert torch.allclose(grpo_advantages(SCORES, GROUPS, eps, scale=True), _closed_form(grpo), atol=1e-5)
+    assert torch.allclose(grpo_advantages(SCORES, GROUPS, 0.0, scale=False), _closed_form(dr_grpo), atol=1e-6)
+    assert torch.allclose(rloo_advantages(SCORES, GROUPS), _closed_form(rloo), atol=1e-6)
+    # an all-equal group (group 1) and a group of one (group 2) get advantage exactly 0, never NaN
+    for adv in (grpo_advantages(SCORES, GROUPS, eps, True), rloo_advantages(SCORES, GROUPS)):
+        assert torch.all(adv[4:8] == 0) and torch.isfinite(adv).all()
+
+
+def test_every_builtin_strategy_is_registered_and_unknown_names_list_them():
+    for name in ["ppo", "grpo", "dr_grpo", "rloo", "vineppo", "reinforce", "remax", "reinforce_pp"]:
+        assert name in ESTIMATORS
+    from rlzoo.errors import UserError
+
+    with pytest.raises(UserError, match="known: .*grpo.*vineppo"):
+        build_estimator("vinepp")
+
+
+# ----------------------------------------------------------------------------- VinePPO toy
+
+P_GOOD = [0.9, 0.6, 0.3]  # probability that step t is correct; the answer is right iff every step is
+TOY_ALPHABET = "gb\nQ"
+
+
+class StepTask(Task):
+    """Responses are 3 lines, each "g" (a correct step) or "b"; reward 1 iff all are "g"."""
+
+    name = "toy-steps"
+    max_new_tokens = 6
+
+    def score(self, problems, completions):
+        return [float(c == "g\ng\ng\n") for c in completions]
+
+    def split_steps(self, completion):
+        return [i for i in range(0, len(completion), 2)] if completion else []
+
+
+class KnownPolicyEngine:
+    """A stochastic policy with known per-step success probabilities, behind the engine interface:
+    it continues any prefix line by line, "g" with probability P_GOOD[step]. True values are exact:
+    V(after t correct steps) = prod(P_GOOD[t:]); any "b" makes it 0."""
+
+    def __init__(self, tokenizer, prompt_len):
+        self.tokenizer, self.prompt_len, self.stats = tokenizer, prompt_len, EngineStats()
+
+    def generate(self, prompts, params):
+        rng = random.Random(params.seed)
+        out = []
+        for prompt in prompts:
+            done = (len(prompt) - self.prompt_len) // 2
+            group = []
+            for _ in range(params.n):
+                text = "".join("g\n" if rng.random() < P_GOOD[t] else "b\n" for t in range(done, 3))
+                ids = self.tokenizer(text, add_special_tokens=False)["input_ids"] + [self.tokenizer.eos_token_id]
+                group.append(Completion(ids, text, "stop"))
+            out.append(group)
+        return out
+
+    def sync_weights(self, model):
+        pass
+
+
+def true_value(prefix_text: str) -> float:
+    steps = prefix_text.splitlines()
+    if any(s == "b" for s in steps):
+        return 0.0
+    v = 1.0
+    for p in P_GOOD[len(steps):]:
+        v *= p
+    return v
+
+
+def _toy_batch_and_ctx(seed, k):
+    tokenizer = build_char_tokenizer(TOY_ALPHABET)
+    task = StepTask()
+    prompt_ids = [tokenizer("Q", add_special_tokens=True)["input_ids"]] * 2
+    engine = KnownPolicyEngine(tokenizer, len(prompt_ids[0]))
+    problems = [Problem(f"toy/{i}", "Q", "") for i in range(2)]
+    completions = engine.generate(prompt_ids, SamplingParams(n=4, seed=seed))
+    scores = task.score(None, [c.text for g in completions for c in g])
+    batch = build_batch(tokenizer, task, problems, prompt_ids, completions, scores)
+    ctx = EstimatorContext(policy=None, tokenizer=tokenizer, engine=engine, task=task,
+                           sampling=SamplingParams(n=4, seed=seed + 1, max_new_tokens=6), model_path="",
+                           device=torch.device("cpu"), seed=seed)
+    return batch, ctx
+
+
+def test_vineppo_mc_values_are_unbiased_and_advantages_are_value_differences():
+    k, seeds = 16, 200
+    errors_by_state: dict[str, list[float]] = {}
+    for seed in range(seeds):
+        batch, ctx = _toy_batch_and_ctx(seed, k)
+        credit = build_estimator("vineppo", k=k, group_size=4).advantages(batch, ctx)
+        for b in range(batch.size):
+            starts = batch.step_starts[b]
+            assert len(starts) == 3 and starts[0] == int(batch.prompt_lens[b])
+            text = batch.response_texts[b]
+            step_v = [credit.values[b, s].item() for s in starts]
+            for t, v in enumerate(step_v):
+                errors_by_state.setdefault(text[: 2 * t], []).append(v - true_value(text[: 2 * t]))
+            # every token of step t carries A_t = V(s_{t+1}) - V(s_t), the last step R - V(s_last)
+            expected = step_advantages(step_v, batch.scores[b].item())
+            ends = starts[1:] + [int(batch.last_token_index()[b]) + 1]
+            for s, e, a in zip(starts, ends, expected):
+                assert torch.allclose(credit.advantages[b, s:e], torch.full((e - s,), a), atol=1e-6)
+    for state, errs in errors_by_state.items():
+        errs_t = torch.tensor(errs)
+        p = true_value(state)
+        standard_error = (p * (1 - p) / k / len(errs)) ** 0.5
+        assert abs(errs_t.mean().item()) <= 3 * standard_error + 1e-9, (state, errs_t.mean().item(), standard_error)
+
+
+def test_vineppo_values_identical_states_once_and_counts_mc_tokens():
+    batch, ctx = _toy_batch_and_ctx(seed=3, k=5)
+    calls = []
+    original = ctx.engine.generate
+    ctx.engine.generate = lambda prompts, params: calls.append(len(prompts)) or original(prompts, params)
+    credit = build_estimator("vineppo", k=5, group_size=4).advantages(batch, ctx)
+    states = {tuple(batch.input_ids[b, :s].tolist()) for b in range(batch.size) for s in batch.step_starts[b]}
+    assert calls == [len(states)]  # the prompt-only state, shared by all 8 responses, rolled out once
+    assert credit.stats["mc_states"] == 3 * batch.size and credit.stats["mc_unique_states"] == len(states)
+    assert ctx.tokens["mc"] > 0 and ctx.tokens["policy"] == 0
+
+
+def test_vineppo_caps_valued_steps():
+    batch, ctx = _toy_batch_and_ctx(seed=4, k=5)
+    credit = build_estimator("vineppo", k=5, group_size=4, max_valued_steps=1).advantages(batch, ctx)
+    for b in range(batch.size):
+        starts = batch.step_starts[b]
+        # states past the cap take the final reward, so steps 1.. get advantage R - R = 0 ...
+        assert torch.all(credit.advantages[b, starts[1]:] == 0)
+        # ... and step 0 gets R - V(s_0)
+        assert abs(credit.advantages[b, starts[0]].item() - (batch.scores[b].item() - credit.values[b, starts[0]].item())) < 1e-6
