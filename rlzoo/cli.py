@@ -4,6 +4,7 @@ so that ``rlzoo --help`` is instant."""
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import click
 import typer
@@ -55,7 +56,135 @@ def train(
     apply_gin(config, list(set_) + parse_budget(budget) + [b.replace("'", '"') for b in identity])
     run_dir = out or f"runs/{algo}-{task}-seed{seed}"
     run_training(run_dir, TrainConfig(), command=" ".join(["rlzoo"] + sys.argv[1:]))
+    from rlzoo.runs import read_run
+
+    if read_run(run_dir).get("status") != "finished":
+        print(f"rlzoo: interrupted; checkpoint saved in {run_dir}; run the same command to resume", file=sys.stderr)
+        raise typer.Exit(130)
     print(f"rlzoo: run folder {run_dir}")
+
+
+@app.command()
+def pretrain(
+    task: str = typer.Option("arith", help="Task whose worked solutions the policy imitates."),
+    preset: str = typer.Option("default", help="default (the built-in policy) or tiny (seconds; for tests)."),
+    config: list[str] = typer.Option([], "--config", help="Gin config file (repeatable)."),
+    set_: list[str] = typer.Option([], "--set", help="Gin binding, e.g. pretrain.steps=600 (repeatable)."),
+    force: bool = typer.Option(False, help="Rebuild even if the policy is cached."),
+) -> None:
+    """Build the built-in default policy by SFT (cached: built once per config)."""
+    from rlzoo.config import apply_gin
+    from rlzoo.policy import describe_policy, pretrain as build, pretrain_config
+
+    apply_gin(config, set_)
+    cfg = pretrain_config(preset, task=task)
+    folder = build(cfg, force=force)
+    info = describe_policy(folder)
+    print(f"policy: {folder}")
+    print(f"{info['params'] / 1e6:.2f}M parameters, built in {info['seconds']:.0f}s, final SFT loss {info['final_loss']:.3f}")
+
+
+@app.command("eval")
+def eval_(
+    model: str = typer.Option("default", help="Hub id, local folder, or 'default' (the built-in policy)."),
+    task: str = typer.Option("arith", help="Registered task (see `rlzoo list`)."),
+    split: str = typer.Option("test", help="Split to evaluate."),
+    samples: int = typer.Option(16, min=1, help="Samples per problem (k of maj@k)."),
+    temperature: float = typer.Option(0.35, min=0.0, help="Sampling temperature (0: greedy)."),
+    top_p: float = typer.Option(0.9, help="Nucleus sampling mass, in (0, 1]."),
+    limit: int = typer.Option(None, min=1, help="Evaluate the first N problems only."),
+    seed: int = typer.Option(0, help="Sampling seed."),
+    engine: str = typer.Option("torch", help="Generation engine (see `rlzoo list`)."),
+    device: str = typer.Option(None, help="cpu or cuda (default: cuda if available)."),
+    out: Path = typer.Option(None, help="Write the results as JSON here."),
+    config: list[str] = typer.Option([], "--config", help="Gin config file (repeatable)."),
+    set_: list[str] = typer.Option([], "--set", help="Gin binding, e.g. pretrain.steps=600 (repeatable)."),
+) -> None:
+    """Evaluate a model on a task split: pass@1 and maj@k."""
+    import json
+
+    import torch
+    from rich.console import Console
+    from rich.table import Table
+
+    from rlzoo.config import apply_gin
+    from rlzoo.engine import ENGINES
+    from rlzoo.evaluate import evaluate
+    from rlzoo.policy import load_policy
+    from rlzoo.tasks import get_task
+
+    if not 0.0 < top_p <= 1.0:
+        raise UserError(f"--top-p {top_p}: must be in (0, 1]")
+    apply_gin(config, set_)
+    task_obj = get_task(task)
+    if split not in task_obj.splits:
+        raise UserError(f"task {task!r} has no split {split!r}; splits: {', '.join(task_obj.splits)}")
+    engine_cls = ENGINES.get(engine)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    policy, tokenizer = load_policy(model, device=device)
+    result = evaluate(policy, tokenizer, engine_cls(policy, tokenizer), task_obj, split, samples, temperature, top_p, limit, seed)
+    result = {"model": model, "task": task, **result}
+
+    table = Table(title=f"{model} on {task}/{split}: {result['n_problems']} problems x {samples} samples, T={temperature}")
+    for column in ("pass@1", f"maj@{samples}", "mean tokens", "seconds"):
+        table.add_column(column, justify="right")
+    table.add_row(f"{result['pass@1']:.3f}", f"{result[f'maj@{samples}']:.3f}", f"{result['mean_response_tokens']:.1f}", f"{result['seconds']:.1f}")
+    Console().print(table)
+    if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=2) + "\n")
+        print(f"wrote {out}")
+
+
+@app.command("list")
+def list_() -> None:
+    """Registered tasks, estimators and engines."""
+    from rlzoo.algorithms import ESTIMATORS
+    from rlzoo.engine import ENGINES
+    from rlzoo.tasks import TASKS
+
+    for title, registry in (("tasks", TASKS), ("estimators", ESTIMATORS), ("engines", ENGINES)):
+        print(f"{title}: {', '.join(registry.names())}")
+
+
+@app.command()
+def bench(
+    algos: str = typer.Option(..., help="strategies to compare, comma-separated, e.g. vineppo,ppo,grpo,rloo"),
+    task: str = typer.Option(..., help="task name (see `rlzoo list`)"),
+    model: str = typer.Option("default", help="base policy for every run: 'default' (built-in, arith only) or a model folder"),
+    seeds: int = typer.Option(3, help="seeds per strategy (0..N-1)"),
+    budget: str = typer.Option(None, help="the same for every run: iterations=N | episodes=N | seconds=N (default: the config's)"),
+    config: list[str] = typer.Option([], help="gin config file(s) for every run, e.g. benchmarks/quick.gin"),
+    set_: list[str] = typer.Option([], "--set", help="gin binding for every run, e.g. train.lr=1e-5 (repeatable)"),
+    out: Path = typer.Option(Path("bench"), help="bench folder: runs/, logs/, bench.json, leaderboard/; re-run to resume"),
+    jobs: int = typer.Option(1, help="runs at once (wall-clock comparisons are fairest at 1)"),
+    leaderboard: Path = typer.Option(None, help="where to write the leaderboard (default OUT/leaderboard)"),
+) -> None:
+    """Compare strategies under one budget: one run per (strategy, seed), skip finished, resume interrupted, then a leaderboard."""
+    from rlzoo.bench import make_plan, run_bench
+
+    plan = make_plan(algos, task, model=model, seeds=seeds, budget=budget, configs=config, bindings=set_)
+    result = run_bench(plan, out, jobs=jobs, leaderboard=leaderboard)
+    if result.unfinished:
+        print(f"rlzoo: {len(result.unfinished)} run(s) did not finish: {', '.join(result.unfinished)}; logs in {result.logs}; "
+              "re-run the same command to resume", file=sys.stderr)
+        raise typer.Exit(1)
+
+
+@app.command("leaderboard")
+def leaderboard_(
+    runs: list[Path] = typer.Argument(..., help="run folders, or folders that contain them"),
+    out: Path = typer.Option(Path("leaderboard"), help="output folder: README.md, results.csv/json, plots/, index.html"),
+    baseline: str = typer.Option("ppo", help="strategy that speed-ups and Welch tests compare against"),
+    metric: str = typer.Option("pass@1", help="accuracy metric of the eval records (pass@1, maj@16, ...)"),
+) -> None:
+    """Aggregate run folders of one task: accuracy with CIs, generalization, speed, cost, plots, one HTML page."""
+    from rlzoo.leaderboard import find_runs, leaderboard_command, write_leaderboard
+
+    found = find_runs(runs)
+    res = write_leaderboard(found, out, command=leaderboard_command(runs, out, baseline, metric), baseline=baseline, metric=metric)
+    print(res["verdict"].replace("**", ""))
+    print(f"rlzoo: leaderboard of {len(res['runs'])} runs in {out}/ (README.md, index.html)")
 
 
 def main(argv: list[str] | None = None) -> None:

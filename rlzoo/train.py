@@ -267,7 +267,7 @@ def train(run_dir: str | Path, cfg: TrainConfig | None = None, command: str = ""
         t0 = time.perf_counter()
         record = {"kind": "eval"}
         for split, problems in eval_sets.items():
-            result = evaluate(policy, tokenizer, engine, task, problems, samples=cfg.eval_samples,
+            result = evaluate(policy, tokenizer, engine, task, split, problems=problems, samples=cfg.eval_samples,
                               temperature=cfg.eval_temperature, top_p=cfg.eval_top_p,
                               max_new_tokens=max_new_tokens, seed=derive_seed(cfg.seed, state["iteration"], 29))
             record |= {f"eval/{split}/{k}": v for k, v in result.items() if isinstance(v, (int, float))}
@@ -330,6 +330,8 @@ def train(run_dir: str | Path, cfg: TrainConfig | None = None, command: str = ""
             update_stats = ppo_update(policy, optimizer, scheduler, batch_on(batch, device), advantages.to(device),
                                       ppo_cfg, cfg.temperature, torch.Generator().manual_seed(derive_seed(cfg.seed, it, 3)),
                                       norm_tokens)
+            if not all(torch.isfinite(p).all() for p in policy.parameters()):
+                raise FloatingPointError("the PPO update made the policy's weights non-finite")
             engine.sync_weights(policy)
 
         lengths = batch.response_lens().float()
