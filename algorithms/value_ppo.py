@@ -10,7 +10,9 @@ import gin
 import torch
 from torch import nn
 
+from rlzoo import distributed
 from rlzoo.algorithms import ESTIMATORS, Credit, Estimator
+from rlzoo.errors import UserError
 from rlzoo.ppo import masked_mean, minibatch_indices, value_loss
 
 
@@ -65,15 +67,26 @@ class ValuePPO(Estimator):
     max_grad_norm: float = 1.0  # critic gradient clipping
 
     def setup(self, ctx) -> None:
+        world = distributed.world_size()
+        if world > 1 and ctx.batch_rows % (self.critic_minibatches * world):  # every rank must run as many micro-batches
+            raise UserError(f"value_ppo.critic_minibatches = {self.critic_minibatches} does not split the {ctx.batch_rows} rows "
+                            f"of an iteration evenly over {world} processes; pick a divisor of {ctx.batch_rows // world}")
         self.critic = ValueModel(ctx.model_path).to(ctx.device)
-        self.optimizer = torch.optim.AdamW(self.critic.parameters(), lr=self.critic_lr, betas=(0.9, 0.95))
+        self.trainer = ctx.prepare("critic", self.critic, lr=self.critic_lr, betas=(0.9, 0.95),
+                                   max_grad_norm=self.max_grad_norm, micro_batch_size=self.micro_batch_size)
 
     @torch.no_grad()
     def predict(self, input_ids, attention_mask) -> torch.Tensor:  # [B, L]
+        """Values of every row, each rank predicting its part of the rows."""
         self.critic.eval()
-        out = [self.critic(input_ids[i : i + self.micro_batch_size], attention_mask[i : i + self.micro_batch_size])
-               for i in range(0, input_ids.shape[0], self.micro_batch_size)]
-        return torch.cat(out).float().cpu()
+
+        def part(rows: range) -> torch.Tensor:
+            ids, attn = input_ids[rows.start : rows.stop], attention_mask[rows.start : rows.stop]
+            out = [self.critic(ids[i : i + self.micro_batch_size], attn[i : i + self.micro_batch_size])
+                   for i in range(0, ids.shape[0], self.micro_batch_size)]
+            return torch.cat(out).float() if out else torch.zeros(0, input_ids.shape[1])
+
+        return distributed.gather_rows(part, input_ids.shape[0])
 
     def advantages(self, batch, ctx) -> Credit:
         mask = batch.response_mask
@@ -86,30 +99,26 @@ class ValuePPO(Estimator):
                       stats={"explained_variance": explained_variance, "value_mean": masked_mean(values, mask).item()})
 
     def update_critic(self, batch, credit, ctx) -> dict[str, float]:
-        self.critic.train()
+        """Clipped value loss, token-mean over each global minibatch; each rank runs its rows of it."""
+        self.trainer.train()
         generator = torch.Generator().manual_seed(ctx.seed * 1_000_003 + ctx.iteration * 7 + 1)
         device, losses = ctx.device, []
         for rows in minibatch_indices(batch.size, self.critic_epochs, self.critic_minibatches, generator):
-            mask_mb = batch.response_mask[rows]
-            n_tokens = mask_mb.sum().clamp(min=1)
-            self.optimizer.zero_grad(set_to_none=True)
-            total = 0.0
-            for micro in rows.split(self.micro_batch_size):
-                mask = batch.response_mask[micro].to(device)
-                values = self.critic(batch.input_ids[micro].to(device), batch.attention_mask[micro].to(device))
-                per_token = value_loss(values, credit.values[micro].to(device), credit.returns[micro].to(device), mask, self.value_clip)
-                loss = (per_token * mask).sum() / n_tokens.to(device)
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(f"non-finite critic loss ({loss.item()})")
-                loss.backward()
-                total += loss.item()
-            torch.nn.utils.clip_grad_norm_(self.critic.parameters(), self.max_grad_norm)
-            self.optimizer.step()
+            n_tokens = batch.response_mask[rows].sum().clamp(min=1).to(device)  # of the global minibatch
+            micro_batches = distributed.split_rows(rows).split(self.micro_batch_size)
+            total = nonfinite = 0.0
+            for i, micro in enumerate(micro_batches):
+                with self.trainer.accumulating(last=i == len(micro_batches) - 1):
+                    mask = batch.response_mask[micro].to(device)
+                    values = self.trainer(batch.input_ids[micro].to(device), batch.attention_mask[micro].to(device))
+                    per_token = value_loss(values, credit.values[micro].to(device), credit.returns[micro].to(device), mask, self.value_clip)
+                    loss = (per_token * mask).sum() / n_tokens
+                    total, nonfinite = total + loss.item(), nonfinite + float(not torch.isfinite(loss))
+                    if i == len(micro_batches) - 1:  # all ranks decide alike
+                        total, nonfinite = distributed.all_reduce([total, nonfinite])
+                        if nonfinite:
+                            raise FloatingPointError(f"non-finite critic loss ({total})")
+                    self.trainer.backward(loss)
+            self.trainer.step()
             losses.append(total)
         return {"critic/loss": sum(losses) / max(len(losses), 1)}
-
-    def state_dict(self) -> dict:
-        return {"optimizer": self.optimizer.state_dict()}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.optimizer.load_state_dict(state["optimizer"])

@@ -65,4 +65,5 @@ class VinePPO(Estimator):
                 token_values[b, start:end] = v
         advantages *= batch.response_mask
         return Credit(advantages=advantages, values=token_values * batch.response_mask,
-                      stats={"mc_states": len(states), "mc_unique_states": len({tuple(s) for s in states})})
+                      stats={"mc_states": len(states), "mc_unique_states": len({tuple(s) for s in states}),
+                             "mc_value_mean": sum(values) / max(len(values), 1)})

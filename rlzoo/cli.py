@@ -3,6 +3,7 @@ so that ``rlzoo --help`` is instant."""
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -46,22 +47,29 @@ def train(
     config: list[str] = typer.Option([], help="gin config file(s), e.g. benchmarks/quick.gin"),
     set_: list[str] = typer.Option([], "--set", help="gin binding, e.g. train.lr=1e-5 (repeatable)"),
     budget: str = typer.Option(None, help="iterations=N | episodes=N | seconds=N (overrides the config)"),
+    deepspeed: str = typer.Option(None, "--deepspeed", help="DeepSpeed JSON config (ZeRO 1-3, offload), e.g. "
+                                  "benchmarks/deepspeed/zero2.json; same as --set train.deepspeed_config=FILE"),
 ) -> None:
-    """Train one strategy on one task: rollouts -> rewards -> advantages -> PPO -> eval, into a run folder."""
+    """Train one strategy on one task: rollouts -> rewards -> advantages -> PPO -> eval, into a run folder.
+    Runs as is under `torchrun --nproc_per_node N -m rlzoo.cli train ...` or the `deepspeed` launcher."""
+    from rlzoo import distributed
     from rlzoo.config import apply_gin
     from rlzoo.train import TrainConfig
     from rlzoo.train import train as run_training
 
     identity = [f"train.algo = {algo!r}", f"train.task = {task!r}", f"train.model = {model!r}", f"train.seed = {seed}"]
+    if deepspeed:
+        identity.append(f"train.deepspeed_config = {deepspeed!r}")
     apply_gin(config, list(set_) + parse_budget(budget) + [b.replace("'", '"') for b in identity])
     run_dir = out or f"runs/{algo}-{task}-seed{seed}"
     run_training(run_dir, TrainConfig(), command=" ".join(["rlzoo"] + sys.argv[1:]))
     from rlzoo.runs import read_run
 
     if read_run(run_dir).get("status") != "finished":
-        print(f"rlzoo: interrupted; checkpoint saved in {run_dir}; run the same command to resume", file=sys.stderr)
+        distributed.is_main() and print(f"rlzoo: interrupted; checkpoint saved in {run_dir}; run the same command to resume",
+                                        file=sys.stderr)
         raise typer.Exit(130)
-    print(f"rlzoo: run folder {run_dir}")
+    distributed.is_main() and print(f"rlzoo: run folder {run_dir}")
 
 
 @app.command()
@@ -168,7 +176,7 @@ def bench(
     if result.unfinished:
         print(f"rlzoo: {len(result.unfinished)} run(s) did not finish: {', '.join(result.unfinished)}; logs in {result.logs}; "
               "re-run the same command to resume", file=sys.stderr)
-        raise typer.Exit(1)
+        sys.exit(1)  # not typer.Exit: main() runs the app with standalone_mode=False, which returns its code
 
 
 @app.command("leaderboard")
@@ -188,9 +196,41 @@ def leaderboard_(
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Entry point: user errors (ours and the command line's) become one line and exit code 2."""
+    """Entry point: user errors (ours and the command line's) become one line and exit code 2.
+
+    A rank started by a launcher (torchrun, deepspeed) leaves through ``distributed.shutdown``: process
+    group destroyed, output flushed, ``os._exit``, so that gloo's teardown cannot abort it at exit."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    argv = [a for a in argv if not a.startswith(("--local_rank", "--local-rank"))]  # the deepspeed launcher's (LOCAL_RANK is set too)
     try:
-        app(args=argv, standalone_mode=False, prog_name="rlzoo")
+        if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # started by a launcher: be a rank from the start
+            from rlzoo import distributed
+
+            distributed.join()
+        _run(argv)
+        code = 0
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    except BaseException as e:
+        distributed = sys.modules.get("rlzoo.distributed")
+        if distributed is None or not distributed.launched():
+            raise
+        import traceback
+
+        traceback.print_exc()
+        code = 130 if isinstance(e, KeyboardInterrupt) else 1
+    distributed = sys.modules.get("rlzoo.distributed")
+    if distributed is not None and distributed.launched():
+        distributed.shutdown(code)
+    if code:
+        sys.exit(code)
+
+
+def _run(argv: list[str]) -> None:
+    try:
+        code = app(args=argv, standalone_mode=False, prog_name="rlzoo")
+        if isinstance(code, int) and code:  # a typer.Exit(code), returned in this mode
+            sys.exit(code)
     except UserError as e:
         print(f"rlzoo: error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -26,18 +26,23 @@ def evaluate(
     seed: int = 0,
     problems: list | None = None,
     max_new_tokens: int | None = None,
+    first_index: int = 0,
 ) -> dict:
     """Metrics of ``engine``'s policy on the first ``max_problems`` problems (all if None) of ``split``.
 
-    ``model`` is the policy the engine samples from: the engine is synced to it first. Returns
+    ``problems``, if given, are evaluated instead of the split's (e.g. the fixed train subset; ``split``
+    then only labels the result); ``max_new_tokens`` defaults to the task's budget. ``model`` is the policy the engine samples from: the engine is synced to it first. Returns
     ``{"pass@1", f"maj@{samples}", "n_problems", "samples", ..., "problems": [per-problem results]}``.
+    ``first_index``: where ``problems`` start in a larger list split over processes (their samples
+    are then the ones the whole list would get; see ``SamplingParams.first_index``).
     """
     started = time.time()
     problems = (task.problems(split) if problems is None else problems)[:max_problems]
     engine.sync_weights(model)
     prompts = [tokenizer(task.prompt(p))["input_ids"] for p in problems]
     params = SamplingParams(
-        n=samples, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens or task.max_new_tokens, stop=task.stop, seed=seed
+        n=samples, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens or task.max_new_tokens, stop=task.stop, seed=seed,
+        first_index=first_index,
     )
     completions = engine.generate(prompts, params)  # [num_problems][samples]
     texts = [c.text for group in completions for c in group]  # problem-major: problem i owns texts[i*k:(i+1)*k]

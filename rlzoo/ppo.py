@@ -14,6 +14,8 @@ import gin
 import torch
 import torch.nn.functional as F
 
+from rlzoo import distributed
+
 AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 KL_MODES = ("k3-loss", "k1-reward", "none")
 
@@ -140,7 +142,9 @@ def value_loss(values, old_values, returns, mask, clip: float) -> torch.Tensor:
 
 
 def minibatch_indices(batch_size: int, epochs: int, minibatches: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
-    """Row indices of each minibatch, ``epochs`` shuffled passes split into ``minibatches`` parts."""
+    """Row indices of each minibatch, ``epochs`` shuffled passes split into ``minibatches`` parts.
+    Under data parallelism every rank draws the same (global) minibatches from the same generator
+    and processes its own part of each (``distributed.split_rows``)."""
     per = math.ceil(batch_size / minibatches)
     for _ in range(epochs):
         perm = torch.randperm(batch_size, generator=generator)
@@ -148,58 +152,66 @@ def minibatch_indices(batch_size: int, epochs: int, minibatches: int, generator:
             yield perm[start : start + per]
 
 
-def ppo_update(policy, optimizer, scheduler, batch, advantages, cfg: PPOConfig, temperature: float,
-               generator: torch.Generator, norm_tokens: int) -> dict[str, float]:
+def ppo_update(policy, batch, advantages, cfg: PPOConfig, temperature: float, generator: torch.Generator,
+               norm_tokens: int) -> dict[str, float]:
     """PPO epochs over one rollout batch: clipped surrogate (+ k3 KL), minibatches, accumulation,
     gradient clipping; minibatches whose mean ratio explodes are skipped. Returns logged statistics.
 
-    advantages: [B, L] float32, 0 outside ``batch.response_mask``.
+    policy: a ``distributed.Trained``. batch: the global batch (every rank holds all of it); each rank
+    runs its rows of every global minibatch, with losses normalised by the global minibatch, so the
+    reduced gradient is the one-process gradient. advantages: [B, L] float32, 0 outside ``batch.response_mask``.
     """
     policy.train()
     use_k3 = cfg.kl_mode == "k3-loss" and cfg.kl_coef > 0 and batch.ref_logprobs is not None
     totals = {"loss/policy": 0.0, "loss/kl": 0.0, "ppo/clip_frac": 0.0, "ppo/approx_kl_old": 0.0, "ppo/entropy": 0.0,
               "ppo/ratio_mean": 0.0, "ppo/grad_norm": 0.0}
+    summed = [k for k in totals if k != "ppo/grad_norm"] + ["nonfinite"]  # per-rank sums, all-reduced per minibatch
     steps = skipped = 0
     for rows in minibatch_indices(batch.size, cfg.epochs, cfg.minibatches, generator):
-        mask_mb = batch.response_mask[rows]  # [b, L]
+        mask_mb = batch.response_mask[rows]  # [b, L] the global minibatch
         denom = mask_mb.sum().item() if cfg.loss_agg == "token-mean" else float(len(rows))
         tokens_mb = mask_mb.sum().clamp(min=1).item()
-        stats = dict.fromkeys(totals, 0.0)
-        optimizer.zero_grad(set_to_none=True)
-        for micro in rows.split(cfg.micro_batch_size):
-            mask = batch.response_mask[micro]
-            logprobs, entropy = forward_logprobs(policy, batch.input_ids[micro], batch.attention_mask[micro], temperature, with_entropy=True)
-            old = batch.old_logprobs[micro]
-            pg_loss, ratio = clipped_surrogate(logprobs, old, advantages[micro], cfg.clip_eps)
-            loss = aggregate(pg_loss, mask, cfg.loss_agg, denom, norm_tokens)
-            if use_k3:
-                kl = kl_k3(logprobs, batch.ref_logprobs[micro], cfg.kl_clamp)
-                kl_loss = aggregate(kl, mask, cfg.loss_agg, denom, norm_tokens)
-                loss = loss + cfg.kl_coef * kl_loss
-                stats["loss/kl"] += kl_loss.item()
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"non-finite policy loss ({loss.item()}) in the PPO update")
-            loss.backward()
-            with torch.no_grad():
-                w = lambda x: ((x * mask).sum() / tokens_mb).item()  # noqa: E731  token-weighted over the minibatch
-                stats["loss/policy"] += loss.item()
-                stats["ppo/clip_frac"] += w(((ratio - 1.0).abs() > cfg.clip_eps).float())
-                stats["ppo/approx_kl_old"] += w(0.5 * (logprobs - old) ** 2)
-                stats["ppo/entropy"] += w(entropy)
-                stats["ppo/ratio_mean"] += w(ratio)
-        r = stats["ppo/ratio_mean"]
-        if not (1.0 / cfg.ratio_skip_threshold <= r <= cfg.ratio_skip_threshold):
-            optimizer.zero_grad(set_to_none=True)
+        stats = dict.fromkeys(summed, 0.0)
+        micro_batches = distributed.split_rows(rows).split(cfg.micro_batch_size)  # this rank's rows
+        skip = False
+        for i, micro in enumerate(micro_batches):
+            last = i == len(micro_batches) - 1
+            with policy.accumulating(last):
+                mask = batch.response_mask[micro]
+                logprobs, entropy = forward_logprobs(policy, batch.input_ids[micro], batch.attention_mask[micro], temperature, with_entropy=True)
+                old = batch.old_logprobs[micro]
+                pg_loss, ratio = clipped_surrogate(logprobs, old, advantages[micro], cfg.clip_eps)
+                loss = aggregate(pg_loss, mask, cfg.loss_agg, denom, norm_tokens)
+                if use_k3:
+                    kl = kl_k3(logprobs, batch.ref_logprobs[micro], cfg.kl_clamp)
+                    kl_loss = aggregate(kl, mask, cfg.loss_agg, denom, norm_tokens)
+                    loss = loss + cfg.kl_coef * kl_loss
+                    stats["loss/kl"] += kl_loss.item()
+                with torch.no_grad():
+                    w = lambda x: ((x * mask).sum() / tokens_mb).item()  # noqa: E731  token-weighted over the global minibatch
+                    stats["nonfinite"] += float(not torch.isfinite(loss))
+                    stats["loss/policy"] += loss.item()
+                    stats["ppo/clip_frac"] += w(((ratio - 1.0).abs() > cfg.clip_eps).float())
+                    stats["ppo/approx_kl_old"] += w(0.5 * (logprobs - old) ** 2)
+                    stats["ppo/entropy"] += w(entropy)
+                    stats["ppo/ratio_mean"] += w(ratio)
+                if last:  # every rank sees the global minibatch's statistics and decides alike
+                    stats = dict(zip(summed, distributed.all_reduce([stats[k] for k in summed])))
+                    if stats["nonfinite"]:
+                        raise FloatingPointError(f"non-finite policy loss ({stats['loss/policy']}) in the PPO update")
+                    r = stats["ppo/ratio_mean"]
+                    skip = not (1.0 / cfg.ratio_skip_threshold <= r <= cfg.ratio_skip_threshold)
+                policy.backward(loss, drop=skip)
+        grad_norm = policy.step(drop=skip)
+        if skip:
             skipped += 1
             continue
-        stats["ppo/grad_norm"] = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm).item()
-        optimizer.step()
-        scheduler.step()
+        stats["ppo/grad_norm"] = grad_norm
         steps += 1
         for k in totals:
             totals[k] += stats[k]
     out = {k: v / max(steps, 1) for k, v in totals.items()}
     out["ppo/optimizer_steps"] = steps
     out["ppo/skipped_minibatches"] = skipped
-    out["lr"] = scheduler.get_last_lr()[0]
+    out["lr"] = policy.lr()
     return out

@@ -23,7 +23,7 @@ from pathlib import Path
 import gin
 import torch
 
-from rlzoo import runs
+from rlzoo import distributed, runs
 from rlzoo.algorithms import Estimator, build_estimator
 from rlzoo.engine import ENGINES, SamplingParams
 from rlzoo.errors import UserError
@@ -62,6 +62,7 @@ class TrainConfig:
     checkpoint_every: int = 10  # checkpoint every this many iterations (and at the end)
     keep_checkpoints: int = 2  # older checkpoints are deleted
     engine_batch_size: int = 256  # rows the engine decodes at once
+    deepspeed_config: str = ""  # DeepSpeed JSON (ZeRO 1-3, offload) to train the policy and any critic with; "": PyTorch (DDP under a launcher)
 
 
 def derive_seed(seed: int, iteration: int, salt: int) -> int:
@@ -145,26 +146,59 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return path if (path / "state.pt").exists() else None
 
 
-def save_checkpoint(run_dir: Path, state: dict, policy, tokenizer, estimator: Estimator, keep: int) -> None:
-    """Write iter_NNNNNN/ beside the others (atomically: a temp folder renamed), then point "latest" at it."""
-    from safetensors.torch import save_model
-
+def save_checkpoint(run_dir: Path, state: dict, trained: dict, tokenizer, estimator: Estimator, keep: int) -> None:
+    """Write iter_NNNNNN/ beside the others (atomically: a temp folder renamed), then point "latest" at it.
+    Every rank calls it: each trained module writes its weights and optimizer state (``Trained.save``)."""
     root = run_dir / "checkpoints"
     name = f"iter_{state['iteration']:06d}"
     tmp = root / f".{name}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    policy.save_pretrained(tmp / "policy", safe_serialization=True)
-    tokenizer.save_pretrained(tmp / "policy")
-    if estimator.critic is not None:
-        save_model(estimator.critic, str(tmp / "critic.safetensors"))
-    torch.save({**state, "estimator": estimator.state_dict()}, tmp / "state.pt")
-    shutil.rmtree(root / name, ignore_errors=True)
-    os.replace(tmp, root / name)
-    (root / "latest.tmp").write_text(name)
-    os.replace(root / "latest.tmp", root / "latest")
-    for old in sorted(p for p in root.glob("iter_*") if p.is_dir())[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+    if distributed.is_main():
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    distributed.barrier()
+    for module_name, module in trained.items():
+        module.save(tmp, module_name)
+    distributed.barrier()
+    if distributed.is_main():
+        tokenizer.save_pretrained(tmp / "policy")
+        torch.save({**state, "estimator": estimator.state_dict()}, tmp / "state.pt")
+        shutil.rmtree(root / name, ignore_errors=True)
+        os.replace(tmp, root / name)
+        (root / "latest.tmp").write_text(name)
+        os.replace(root / "latest.tmp", root / "latest")
+        for old in sorted(p for p in root.glob("iter_*") if p.is_dir())[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    distributed.barrier()
+
+
+def check_launch(cfg: TrainConfig, ppo_cfg: PPOConfig, group_size: int) -> dict | None:
+    """Refuse a launch whose batches do not split evenly over the processes (every rank must run as
+    many forward/backward passes) before any collective; returns the DeepSpeed config, if any."""
+    world = distributed.world_size()
+    rows = cfg.prompts_per_iteration * group_size
+    if world > 1 and cfg.prompts_per_iteration % world:
+        raise UserError(f"train.prompts_per_iteration = {cfg.prompts_per_iteration} does not split over {world} processes; "
+                        f"use a multiple of {world}")
+    if world > 1 and rows % (ppo_cfg.minibatches * world):
+        raise UserError(f"the {rows} rows of an iteration do not split into ppo.minibatches = {ppo_cfg.minibatches} "
+                        f"equal parts per process over {world} processes; pick a divisor of {rows // world}")
+    return distributed.load_deepspeed_config(cfg.deepspeed_config) if cfg.deepspeed_config else None
+
+
+def merge_eval(parts: list[dict]) -> dict:
+    """One evaluation from the results of ranks that each evaluated a part of the problems:
+    per-problem means weighted by problem counts (every problem has the same number of samples)."""
+    if len(parts) == 1:
+        return parts[0]
+    n = sum(p["n_problems"] for p in parts)
+    merged = {k: v for k, v in parts[0].items() if not isinstance(v, (int, float)) or isinstance(v, bool)}
+    for key, value in parts[0].items():
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            merged[key] = sum(p[key] * p["n_problems"] for p in parts) / max(n, 1)
+    merged |= {"n_problems": n, "seconds": max(p["seconds"] for p in parts)}
+    for key in ("samples", "temperature", "top_p", "seed"):
+        merged[key] = parts[0][key]
+    return merged
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -178,19 +212,25 @@ def train(run_dir: str | Path, cfg: TrainConfig | None = None, command: str = ""
     cfg = cfg or TrainConfig()
     ppo_cfg = PPOConfig()
     run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(cfg.seed)
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device)
-
     task = get_task(cfg.task)
     estimator = build_estimator(cfg.algo)
+    deepspeed_config = check_launch(cfg, ppo_cfg, estimator.group_size)
+    device = distributed.init(cfg.device)  # joins the launcher's process group (torchrun / deepspeed), if any
+    if deepspeed_config is not None:
+        distributed.check_deepspeed_device(deepspeed_config, device, cfg.deepspeed_config)
+    main = distributed.is_main()  # rank 0 writes the run folder; every rank computes
+    run_dir.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.seed)
+
     identity = {"algo": cfg.algo, "task": cfg.task, "model": cfg.model, "seed": cfg.seed, "config": asdict(cfg) | {"ppo": asdict(ppo_cfg)}}
+    if len(set(distributed.gather_objects(json.dumps(identity, sort_keys=True, default=str)))) > 1:
+        raise UserError("the processes of this launch were given different configs; launch every rank with the same command")
     previous = runs.read_run(run_dir)
     if previous and any(previous.get(k) != v for k, v in identity.items()):
         raise UserError(f"{run_dir} holds another run ({previous.get('algo')}, {previous.get('task')}, seed "
                         f"{previous.get('seed')}) or another config; pick a fresh --out or delete it")
     if previous.get("status") == "finished":
-        print(f"rlzoo: {run_dir} is finished; nothing to do")
+        main and print(f"rlzoo: {run_dir} is finished; nothing to do")
         return run_dir
 
     # Policy, frozen reference, engine. The reference is the *initial* policy, also on resume.
@@ -198,11 +238,6 @@ def train(run_dir: str | Path, cfg: TrainConfig | None = None, command: str = ""
     model_path = policy.config._name_or_path
     use_ref = ppo_cfg.kl_mode != "none" and ppo_cfg.kl_coef > 0
     reference = copy.deepcopy(policy).eval().requires_grad_(False) if use_ref else None
-    checkpoint = latest_checkpoint(run_dir)
-    if checkpoint is not None:
-        from safetensors.torch import load_model
-
-        policy.load_state_dict(type(policy).from_pretrained(checkpoint / "policy").state_dict())
     engine = ENGINES.get(cfg.engine)(policy, tokenizer, max_batch_size=cfg.engine_batch_size)
 
     max_new_tokens = cfg.max_new_tokens or task.max_new_tokens
@@ -210,43 +245,46 @@ def train(run_dir: str | Path, cfg: TrainConfig | None = None, command: str = ""
     sampling = SamplingParams(n=estimator.group_size, temperature=cfg.temperature, top_p=cfg.top_p,
                               max_new_tokens=max_new_tokens, stop=task.stop)
     ctx = EstimatorContext(policy=policy, tokenizer=tokenizer, engine=engine, task=task, sampling=sampling,
-                           model_path=model_path, device=device, seed=cfg.seed)
-    estimator.setup(ctx)
-
+                           model_path=model_path, device=device, seed=cfg.seed, deepspeed_config=deepspeed_config,
+                           batch_rows=cfg.prompts_per_iteration * estimator.group_size)
+    # The policy trains through DDP or DeepSpeed when launched so (ctx.prepare); the engine samples from `policy` itself.
     total_steps = cfg.iterations * ppo_cfg.epochs * ppo_cfg.minibatches
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, betas=tuple(cfg.adam_betas), weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, total_steps))
+    trainer = ctx.prepare("policy", policy, lr=cfg.lr, betas=tuple(cfg.adam_betas), weight_decay=cfg.weight_decay,
+                          max_grad_norm=ppo_cfg.max_grad_norm, micro_batch_size=ppo_cfg.micro_batch_size,
+                          lr_lambda=lr_lambda(cfg, total_steps))
+    estimator.setup(ctx)
     loss_agg = estimator.loss_agg or ppo_cfg.loss_agg
     ppo_cfg = replace(ppo_cfg, loss_agg=loss_agg)
 
     state = {"iteration": 0, "episodes": 0, "train_seconds": 0.0, "tokens": {}}
+    checkpoint = latest_checkpoint(run_dir)
     if checkpoint is not None:
-        from safetensors.torch import load_model
-
+        for name, module in ctx.trained.items():  # weights, optimizer and schedule of the policy and any critic
+            module.load(checkpoint, name)
+        with ctx.sampling_weights():
+            engine.sync_weights(policy)
         saved = torch.load(checkpoint / "state.pt", weights_only=False)
-        optimizer.load_state_dict(saved["optimizer"])
-        scheduler.load_state_dict(saved["scheduler"])
         estimator.load_state_dict(saved["estimator"])
-        if estimator.critic is not None:
-            load_model(estimator.critic, str(checkpoint / "critic.safetensors"))
         state = {k: saved[k] for k in state}
         ctx.tokens.update(state["tokens"])
-        # Keep exactly what the checkpoint had seen: train records up to it, evals before it.
-        kept = [r for r in runs.read_jsonl(run_dir / "metrics.jsonl")
-                if r["iteration"] < state["iteration"] or (r["kind"] == "train" and r["iteration"] == state["iteration"])]
-        (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in kept))
-        print(f"rlzoo: resuming {run_dir} from iteration {state['iteration']}")
-    else:
+        if main:  # keep exactly what the checkpoint had seen: train records up to it, evals before it
+            kept = [r for r in runs.read_jsonl(run_dir / "metrics.jsonl")
+                    if r["iteration"] < state["iteration"] or (r["kind"] == "train" and r["iteration"] == state["iteration"])]
+            (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in kept))
+            print(f"rlzoo: resuming {run_dir} from iteration {state['iteration']}")
+    elif main:
         (run_dir / "metrics.jsonl").write_text("")
-    (run_dir / "config.gin").write_text(gin.operative_config_str() or gin.config_str())
-    runs.write_run(run_dir, identity | {"format": runs.FORMAT, "status": "running", "command": command,
-                                         "budget": {"iterations": cfg.iterations, "episodes": cfg.max_episodes, "seconds": cfg.max_seconds},
-                                         "rlzoo_version": __import__("rlzoo").__version__,
-                                         "started": previous.get("started") or time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+    if main:
+        (run_dir / "config.gin").write_text(gin.operative_config_str() or gin.config_str())
+        runs.write_run(run_dir, identity | {"format": runs.FORMAT, "status": "running", "command": command,
+                                             "budget": {"iterations": cfg.iterations, "episodes": cfg.max_episodes, "seconds": cfg.max_seconds},
+                                             "rlzoo_version": __import__("rlzoo").__version__, "processes": distributed.world_size(),
+                                             "started": previous.get("started") or time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+    distributed.barrier()  # no rank reads the run folder while rank 0 rewrites it
 
     from torch.utils.tensorboard import SummaryWriter
 
-    tb = SummaryWriter(str(run_dir / "tb"))
+    tb = SummaryWriter(str(run_dir / "tb")) if main else None
     train_problems = task.problems("train")
     subset_order = torch.randperm(len(train_problems), generator=torch.Generator().manual_seed(derive_seed(cfg.seed, 0, 23)))
     eval_sets = {"train": [train_problems[int(i)] for i in subset_order[: cfg.eval_train_problems]]}
@@ -255,6 +293,8 @@ def train(run_dir: str | Path, cfg: TrainConfig | None = None, command: str = ""
         eval_sets[split] = problems[: cfg.eval_test_problems] if cfg.eval_test_problems else problems
 
     def log(record: dict) -> None:
+        if not main:
+            return
         record = {"kind": record.pop("kind"), "iteration": state["iteration"], "episodes": state["episodes"],
                   "time/train_total": state["train_seconds"]} | record
         runs.append_jsonl(run_dir / "metrics.jsonl", record)
@@ -267,9 +307,13 @@ def train(run_dir: str | Path, cfg: TrainConfig | None = None, command: str = ""
         t0 = time.perf_counter()
         record = {"kind": "eval"}
         for split, problems in eval_sets.items():
-            result = evaluate(policy, tokenizer, engine, task, split, problems=problems, samples=cfg.eval_samples,
-                              temperature=cfg.eval_temperature, top_p=cfg.eval_top_p,
-                              max_new_tokens=max_new_tokens, seed=derive_seed(cfg.seed, state["iteration"], 29))
+            mine = distributed.shard(len(problems))  # each rank evaluates its part of the problems
+            with ctx.sampling_weights():
+                result = evaluate(policy, tokenizer, engine, task, split, problems=problems[mine.start : mine.stop],
+                                  samples=cfg.eval_samples, temperature=cfg.eval_temperature, top_p=cfg.eval_top_p,
+                                  max_new_tokens=max_new_tokens, seed=derive_seed(cfg.seed, state["iteration"], 29),
+                                  first_index=mine.start)
+            result = merge_eval(distributed.gather_objects({k: v for k, v in result.items() if k != "problems"}))
             record |= {f"eval/{split}/{k}": v for k, v in result.items() if isinstance(v, (int, float))}
         record["time/eval"] = time.perf_counter() - t0
         log(record)
@@ -280,8 +324,7 @@ def train(run_dir: str | Path, cfg: TrainConfig | None = None, command: str = ""
                 and not (cfg.max_seconds and state["train_seconds"] >= cfg.max_seconds))
 
     def checkpoint_now() -> None:
-        save_checkpoint(run_dir, state | {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()},
-                        policy, tokenizer, estimator, cfg.keep_checkpoints)
+        save_checkpoint(run_dir, state, ctx.trained, tokenizer, estimator, cfg.keep_checkpoints)
 
     def train_iteration(it: int) -> dict:
         """One iteration: rollouts, rewards, log-probs, credit, critic, PPO update. Returns its record."""
@@ -291,26 +334,33 @@ def train(run_dir: str | Path, cfg: TrainConfig | None = None, command: str = ""
         ctx.iteration = it
         ctx.sampling = replace(sampling, seed=derive_seed(cfg.seed, it, 1))
 
-        # 1. Rollouts: group_size responses to each of this iteration's prompts.
+        # 1. Rollouts: group_size responses to each of this iteration's prompts. Each rank samples its
+        #    part of the prompts (a prompt's group stays on one rank), with the keys one process would use.
         problems = iteration_problems(train_problems, it, cfg.prompts_per_iteration, cfg.seed)
         prompt_ids = [tokenizer(task.prompt(p), add_special_tokens=True)["input_ids"] for p in problems]
-        with watch("generation"):
-            completions = engine.generate(prompt_ids, ctx.sampling)  # [P][G]
+        mine = distributed.shard(len(problems))
+        with watch("generation"), ctx.sampling_weights():
+            completions = engine.generate(prompt_ids[mine.start : mine.stop], replace(ctx.sampling, first_index=mine.start))  # [P_rank][G]
+
+        # 2. Rewards (graded in worker processes for math-verify tasks); then every rank holds the whole batch.
+        with watch("reward"):
+            flat_problems = [p for p, group in zip(problems[mine.start : mine.stop], completions) for _ in group]
+            scores = task.score(flat_problems, [c.text for group in completions for c in group])
+            parts = distributed.gather_objects((completions, scores))
+            completions, scores = [g for part, _ in parts for g in part], [s for _, part in parts for s in part]  # [P][G], [P * G]
+            batch = build_batch(tokenizer, task, problems, prompt_ids, completions, scores)
         ctx.tokens["policy"] += sum(len(c.token_ids) for group in completions for c in group)
 
-        # 2. Rewards (graded in worker processes for math-verify tasks).
-        with watch("reward"):
-            flat_problems = [p for p, group in zip(problems, completions) for _ in group]
-            scores = task.score(flat_problems, [c.text for group in completions for c in group])
-            batch = build_batch(tokenizer, task, problems, prompt_ids, completions, scores)
-
-        # 3. Log-probs of the sampled tokens under the sampling policy and the reference.
+        # 3. Log-probs of the sampled tokens under the sampling policy and the reference (each rank its rows).
         with watch("logprobs"):
             ids, attn, mask = batch.input_ids.to(device), batch.attention_mask.to(device), batch.response_mask
-            batch.old_logprobs = batched_logprobs(policy, ids, attn, cfg.temperature, ppo_cfg.micro_batch_size).cpu()
+            logprobs_of = lambda model: distributed.gather_rows(  # noqa: E731
+                lambda rows: batched_logprobs(model, ids[rows.start : rows.stop], attn[rows.start : rows.stop],
+                                              cfg.temperature, ppo_cfg.micro_batch_size), batch.size)
+            batch.old_logprobs = logprobs_of(policy)
             kl_stats = {}
             if reference is not None:
-                batch.ref_logprobs = batched_logprobs(reference, ids, attn, cfg.temperature, ppo_cfg.micro_batch_size).cpu()
+                batch.ref_logprobs = logprobs_of(reference)
                 kl_stats = {"kl/ref_k1": masked_mean(kl_k1(batch.old_logprobs, batch.ref_logprobs), mask).item(),
                             "kl/ref": masked_mean(kl_k3(batch.old_logprobs, batch.ref_logprobs), mask).item()}
                 if ppo_cfg.kl_mode == "k1-reward":
@@ -325,14 +375,14 @@ def train(run_dir: str | Path, cfg: TrainConfig | None = None, command: str = ""
         raw = credit.advantages
         advantages = masked_whiten(raw, mask) if ppo_cfg.whiten_advantages else raw  # [B, L]
 
-        # 5. PPO epochs on the policy; the engine then samples from the new weights.
+        # 5. PPO epochs on the policy (each rank its rows of every minibatch); the engine then samples from the new weights.
         with watch("update"):
-            update_stats = ppo_update(policy, optimizer, scheduler, batch_on(batch, device), advantages.to(device),
-                                      ppo_cfg, cfg.temperature, torch.Generator().manual_seed(derive_seed(cfg.seed, it, 3)),
-                                      norm_tokens)
+            update_stats = ppo_update(trainer, batch_on(batch, device), advantages.to(device), ppo_cfg, cfg.temperature,
+                                      torch.Generator().manual_seed(derive_seed(cfg.seed, it, 3)), norm_tokens)
             if not all(torch.isfinite(p).all() for p in policy.parameters()):
                 raise FloatingPointError("the PPO update made the policy's weights non-finite")
-            engine.sync_weights(policy)
+            with ctx.sampling_weights():
+                engine.sync_weights(policy)
 
         lengths = batch.response_lens().float()
         return {
@@ -348,7 +398,7 @@ def train(run_dir: str | Path, cfg: TrainConfig | None = None, command: str = ""
             **{f"time/{k}": v for k, v in watch.seconds.items()},
             **{f"tokens/{k}": ctx.tokens[k] for k in ctx.tokens},
             **{f"tokens_iter/{k}": ctx.tokens[k] - tokens_before.get(k, 0) for k in ctx.tokens},
-            "time/iteration": time.perf_counter() - t_start,
+            "time/iteration": distributed.all_reduce(time.perf_counter() - t_start, "max"),  # the slowest rank's: budgets agree
             "memory/peak_rss_mb": peak_memory_mb(),
         }
 
@@ -358,7 +408,8 @@ def train(run_dir: str | Path, cfg: TrainConfig | None = None, command: str = ""
                 it = state["iteration"]
                 if it % cfg.eval_every == 0 or not budget_left():
                     run_eval()
-                if not budget_left() or interrupt.requested:
+                stop = distributed.all_reduce(float(interrupt.requested), "max") > 0  # a signal to any rank stops all
+                if not budget_left() or stop:
                     break
                 record = train_iteration(it)
                 state["iteration"] += 1
@@ -371,10 +422,13 @@ def train(run_dir: str | Path, cfg: TrainConfig | None = None, command: str = ""
             checkpoint_now()
             finished = not budget_left()
     except FloatingPointError as e:
-        runs.write_run(run_dir, runs.read_run(run_dir) | {"status": "failed", "error": str(e)})
+        if main:
+            runs.write_run(run_dir, runs.read_run(run_dir) | {"status": "failed", "error": str(e)})
         raise UserError(f"{e} at iteration {state['iteration']}; the last good checkpoint in {run_dir}/checkpoints "
                         f"is intact (lower train.lr or raise ppo.kl_coef)") from None
     finally:
-        tb.close()
-    runs.write_run(run_dir, runs.read_run(run_dir) | {"status": "finished" if finished else "running"})
+        tb and tb.close()
+    if main:
+        runs.write_run(run_dir, runs.read_run(run_dir) | {"status": "finished" if finished else "running"})
+    distributed.barrier()  # the CLI reads run.json on every rank
     return run_dir

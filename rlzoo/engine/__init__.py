@@ -28,6 +28,10 @@ class SamplingParams:
     max_new_tokens: int = 256
     stop: tuple[str, ...] = ()  # generation ends after the token that completes one of these strings
     seed: int = 0  # same seed, same prompts, same weights -> same tokens (on CPU)
+    # Position of prompts[0] in a larger request that was split (data-parallel ranks each send their
+    # part): prompt i draws the randomness prompt first_index + i would draw in one call with the
+    # same seed, so how a request is split does not change its samples.
+    first_index: int = 0
 
 
 @dataclass

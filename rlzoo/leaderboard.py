@@ -1,0 +1,764 @@
+"""The leaderboard: read run folders, compare strategies with statistics, write tables, plots and one HTML page.
+
+Input is run folders as ``rlzoo/runs.py`` documents them, nothing else. Runs are grouped by strategy
+(``run.json`` "algo"); the seeds of a strategy are its samples. Every number below is computed per run
+first, then summarised over the seeds of a strategy as mean ± half-width of the 95% confidence interval
+(Student's t with n − 1 degrees of freedom; none for a single seed).
+
+Accuracy is ``eval/<split>/<metric>`` (metric ``pass@1`` by default) from the eval records:
+"final" is the last eval of a run, "best" its maximum over evals.
+
+Generalization (as in the VinePPO paper, test accuracy at matched train accuracy): each run's eval
+records trace a curve of test accuracy against train accuracy. Levels are chosen where every run has
+data: evenly spaced over the intersection of the runs' train-accuracy ranges. The rule for curves that
+go up and down: walk the evals in training order and take the first segment between consecutive evals
+whose train-accuracy range contains the level, then interpolate test accuracy linearly inside it — "the
+test accuracy when the run first reached that train accuracy". A piecewise-linear curve crosses every
+level between its minimum and maximum, so the value always exists inside the common range.
+The gap of a run is the mean over levels of (train level − test accuracy there).
+
+Speed against the baseline (value-network PPO, strategy "ppo"): the target is the maximum of the
+baseline's mean test-accuracy curve over train wall-clock (seeds interpolated on a common grid, the
+curve plotted in ``acc_vs_time``); a strategy's time to target is the first time its own mean curve
+reaches it; speed-up = baseline's time / strategy's time. Welch's unequal-variance t-test compares each
+strategy's final (and best) test accuracy over seeds with the baseline's.
+
+Train records, as ``rlzoo train`` writes them: ``time/<stage>`` is that iteration's seconds in the stage,
+``time/iteration`` its total, ``time/train_total`` the cumulative training seconds, ``tokens/<purpose>``
+the cumulative tokens generated for that purpose (policy rollouts, MC value rollouts).
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import html
+import json
+import math
+import os
+import platform
+import shlex
+import subprocess
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+from scipy import stats
+
+import rlzoo
+from rlzoo.errors import UserError
+from rlzoo.runs import read_jsonl
+
+CONFIDENCE = 0.95
+ALPHA = 1 - CONFIDENCE
+N_MATCHED_LEVELS = 5  # train-accuracy levels in the generalization table
+GRID_POINTS = 400  # common time / iteration grid for mean curves
+PLOTS = ("acc_vs_time", "acc_vs_iterations", "test_vs_train", "kl_vs_acc")
+STAGE_ORDER = ("generation", "reward", "mc", "logprobs", "critic", "advantages", "update")
+
+
+# --------------------------------------------------------------------------------------------------
+# Reading run folders
+
+
+@dataclass
+class Run:
+    path: Path
+    info: dict  # run.json
+    evals: list[dict]  # eval records, in training order
+    trains: list[dict]  # train records, in training order
+
+    @property
+    def algo(self) -> str:
+        return self.info["algo"]
+
+    @property
+    def task(self) -> str:
+        return self.info["task"]
+
+    @property
+    def seed(self):
+        return self.info.get("seed")
+
+    @property
+    def status(self) -> str:
+        return self.info.get("status", "unknown")
+
+    @property
+    def name(self) -> str:
+        return f"{self.algo}-seed{self.seed}"
+
+
+def _run_dirs(root: Path) -> list[Path]:
+    """``root`` itself if it is a run folder, else every run folder below it (not descending into runs)."""
+    if (root / "run.json").exists():
+        return [root]
+    found = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        if "run.json" in filenames:
+            found.append(Path(dirpath))
+            dirnames[:] = []
+        else:
+            dirnames.sort()
+    return sorted(found)
+
+
+def load_run(path: Path) -> Run:
+    path = Path(path)
+    try:
+        info = json.loads((path / "run.json").read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise UserError(f"{path}/run.json cannot be read ({e}); a run folder is written by `rlzoo train`")
+    if not isinstance(info, dict) or not info.get("algo") or not info.get("task"):
+        raise UserError(f"{path}/run.json names no algo and task; a run folder is written by `rlzoo train`")
+    records = read_jsonl(path / "metrics.jsonl")
+    return Run(
+        path=path,
+        info=info,
+        evals=[r for r in records if r.get("kind") == "eval"],
+        trains=[r for r in records if r.get("kind") == "train"],
+    )
+
+
+def find_runs(paths: list[Path]) -> list[Run]:
+    """The runs in ``paths`` (run folders, or folders holding run folders at any depth), one task only."""
+    if not paths:
+        raise UserError("no runs given; pass run folders or folders that contain them")
+    dirs: dict[Path, None] = {}
+    for p in map(Path, paths):
+        if not p.is_dir():
+            what = "is not a folder" if p.exists() else "does not exist"
+            raise UserError(f"{p} {what}; pass run folders (with run.json) or folders that contain them")
+        found = _run_dirs(p)
+        if not found:
+            raise UserError(f"no run folders under {p}: a run folder holds run.json and metrics.jsonl from `rlzoo train`")
+        dirs.update((d.resolve(), None) for d in found)
+    runs = [load_run(d) for d in dirs]
+    tasks = sorted({r.task for r in runs})
+    if len(tasks) > 1:
+        where = "; ".join(f"{t}: {next(r.path for r in runs if r.task == t)}" for t in tasks)
+        raise UserError(f"runs from different tasks ({where}); a leaderboard compares runs of one task")
+    return runs
+
+
+# --------------------------------------------------------------------------------------------------
+# Statistics
+
+
+def mean_ci(values, confidence: float = CONFIDENCE) -> tuple[float, float, int]:
+    """(mean, half-width of the two-sided t confidence interval, n) of the finite values; half-width is
+    nan for fewer than two values."""
+    x = np.asarray([v for v in values if v is not None and np.isfinite(v)], dtype=float)
+    n = len(x)
+    if n == 0:
+        return math.nan, math.nan, 0
+    if n == 1:
+        return float(x[0]), math.nan, 1
+    sem = x.std(ddof=1) / math.sqrt(n)
+    return float(x.mean()), float(stats.t.ppf(0.5 + confidence / 2, n - 1) * sem), n
+
+
+def welch(a, b) -> tuple[float, float, float]:
+    """Welch's unequal-variance t-test of mean(a) vs mean(b): (t, two-sided p, degrees of freedom);
+    nans where a side has fewer than two values."""
+    a = [v for v in a if v is not None and np.isfinite(v)]
+    b = [v for v in b if v is not None and np.isfinite(v)]
+    if len(a) < 2 or len(b) < 2:
+        return math.nan, math.nan, math.nan
+    if np.var(a) == 0 and np.var(b) == 0:  # scipy divides 0 by 0 here; the answer is plain
+        return (math.nan, 1.0, math.nan) if np.mean(a) == np.mean(b) else (math.copysign(math.inf, np.mean(a) - np.mean(b)), 0.0, math.nan)
+    r = stats.ttest_ind(a, b, equal_var=False)
+    return float(r.statistic), float(r.pvalue), float(r.df)
+
+
+def seeds_to_separate(diff: float, sd: float, alpha: float = ALPHA, power: float = 0.8) -> float:
+    """Seeds per strategy for a two-sided test at level alpha to detect a true difference ``diff`` with the
+    given power, when seed-to-seed standard deviation is ``sd`` (normal approximation)."""
+    if not diff or not np.isfinite(sd):
+        return math.inf
+    z = stats.norm.ppf(1 - alpha / 2) + stats.norm.ppf(power)
+    return math.ceil(2 * (z * sd / diff) ** 2)
+
+
+def first_crossing(xs, ys, level: float) -> float:
+    """y where the polyline (xs[i], ys[i]), walked in order, first reaches x == level; linear inside the
+    first segment whose x-range contains level. nan if it never does."""
+    for i in range(len(xs) - 1):
+        x0, x1, y0, y1 = xs[i], xs[i + 1], ys[i], ys[i + 1]
+        if min(x0, x1) <= level <= max(x0, x1):
+            if x0 == x1:
+                return float(y0)
+            return float(y0 + (level - x0) / (x1 - x0) * (y1 - y0))
+    if len(xs) == 1 and xs[0] == level:
+        return float(ys[0])
+    return math.nan
+
+
+def common_levels(curves: list[tuple[np.ndarray, np.ndarray]], n: int = N_MATCHED_LEVELS) -> np.ndarray:
+    """``n`` train-accuracy levels spread evenly over the range every curve covers (empty if they share
+    none)."""
+    lo = max(float(np.min(x)) for x, _ in curves)
+    hi = min(float(np.max(x)) for x, _ in curves)
+    if lo > hi:
+        return np.array([])
+    if lo == hi:
+        return np.array([lo])
+    return np.linspace(lo, hi, n)
+
+
+def curve_on_grid(xs, ys, grid) -> np.ndarray:
+    """Linear interpolation on ``grid``; before the first point and after the last the end values hold."""
+    return np.interp(grid, xs, ys)
+
+
+def mean_curve(curves: list[tuple[np.ndarray, np.ndarray]], points: int = GRID_POINTS):
+    """(grid, mean, ci half-width) of curves on a common grid from 0 to where the shortest one ends."""
+    end = min(float(x[-1]) for x, _ in curves)
+    grid = np.linspace(0.0, end, points) if end > 0 else np.array([0.0])
+    ys = np.stack([curve_on_grid(x, y, grid) for x, y in curves])  # [runs, points]
+    mean = ys.mean(axis=0)
+    if len(curves) < 2:
+        return grid, mean, np.full_like(mean, np.nan)
+    half = stats.t.ppf(0.5 + CONFIDENCE / 2, len(curves) - 1) * ys.std(axis=0, ddof=1) / math.sqrt(len(curves))
+    return grid, mean, half
+
+
+def time_to_reach(grid: np.ndarray, values: np.ndarray, target: float) -> float:
+    """First x on the polyline (grid, values) where values reach ``target``; nan if never."""
+    hit = np.nonzero(values >= target - 1e-12)[0]
+    if len(hit) == 0:
+        return math.nan
+    i = int(hit[0])
+    if i == 0:
+        return float(grid[0])
+    x0, x1, y0, y1 = grid[i - 1], grid[i], values[i - 1], values[i]
+    return float(x0 + (target - y0) / (y1 - y0) * (x1 - x0))
+
+
+# --------------------------------------------------------------------------------------------------
+# Per-run numbers
+
+
+def _stage_key(stage: str):
+    return (STAGE_ORDER.index(stage) if stage in STAGE_ORDER else len(STAGE_ORDER), stage)
+
+
+def _acc(record: dict, split: str, metric: str) -> float:
+    v = record.get(f"eval/{split}/{metric}")
+    return float(v) if v is not None else math.nan
+
+
+def _kl_at(trains: list[dict], iteration: int) -> float:
+    """kl/ref of the last train record at or before ``iteration`` (0 before any update: policy = reference)."""
+    kl = 0.0 if iteration == 0 else math.nan
+    for r in trains:
+        if r.get("iteration", 0) > iteration:
+            break
+        if r.get("kl/ref") is not None:
+            kl = float(r["kl/ref"])
+    return kl
+
+
+def run_numbers(run: Run, metric: str) -> dict:
+    """Everything the leaderboard needs from one run, as plain numbers and arrays."""
+    evals = [e for e in run.evals if np.isfinite(_acc(e, "test", metric))]
+    records = run.trains + run.evals
+    stages = sorted({k[5:] for r in run.trains for k in r if k.startswith("time/") and k not in ("time/train_total", "time/iteration")})
+    n = {
+        "iterations": max((r.get("iteration", 0) for r in records), default=0),
+        "episodes": max((r.get("episodes", 0) for r in records), default=0),
+        "train_seconds": max((r.get("time/train_total", 0.0) for r in records), default=0.0),
+        "time": np.array([e.get("time/train_total", 0.0) for e in evals], dtype=float),
+        "iteration": np.array([e.get("iteration", 0) for e in evals], dtype=float),
+        "test": np.array([_acc(e, "test", metric) for e in evals]),
+        "train": np.array([_acc(e, "train", metric) for e in evals]),
+        "ood_test": np.array([_acc(e, "ood_test", metric) for e in evals]),
+        "kl": np.array([_kl_at(run.trains, e.get("iteration", 0)) for e in evals]),
+        "stage_seconds": {
+            s: float(np.mean([r[f"time/{s}"] for r in run.trains if r.get(f"time/{s}") is not None])) for s in stages
+        },
+        "tokens_policy": float(max((r.get("tokens/policy") or 0 for r in run.trains), default=0)),  # cumulative
+        "tokens_mc": float(max((r.get("tokens/mc") or 0 for r in run.trains), default=0)),
+        "peak_rss_mb": max((r["memory/peak_rss_mb"] for r in run.trains if r.get("memory/peak_rss_mb") is not None), default=math.nan),
+    }
+    n["final_test"] = float(n["test"][-1])
+    n["best_test"] = float(n["test"].max())
+    n["final_train"] = float(n["train"][-1])
+    n["final_ood_test"] = float(n["ood_test"][-1])
+    n["best_ood_test"] = float(np.nanmax(n["ood_test"])) if np.isfinite(n["ood_test"]).any() else math.nan
+    n["s_per_iteration"] = n["train_seconds"] / n["iterations"] if n["iterations"] else math.nan
+    return n
+
+
+def _train_curve(n: dict) -> tuple[np.ndarray, np.ndarray] | None:
+    ok = np.isfinite(n["train"]) & np.isfinite(n["test"])
+    return (n["train"][ok], n["test"][ok]) if ok.any() else None
+
+
+# --------------------------------------------------------------------------------------------------
+# Summary over seeds
+
+
+def summarize(runs: list[Run], baseline: str = "ppo", metric: str = "pass@1") -> dict:
+    """Per-strategy statistics (see the module docstring); the dict written as results.json."""
+    usable = [r for r in runs if any(np.isfinite(_acc(e, "test", metric)) for e in r.evals)]
+    if not usable:
+        known = sorted({k for r in runs for e in r.evals for k in e if k.startswith("eval/test/")})
+        if known:
+            raise UserError(f"no run has eval/test/{metric}; metrics present: {', '.join(known)}")
+        raise UserError(f"no eval records with test accuracy in {', '.join(str(r.path) for r in runs[:3])}: runs must evaluate at least once")
+    per_run = {str(r.path): run_numbers(r, metric) for r in usable}
+    groups: dict[str, list[Run]] = {}
+    for r in usable:
+        groups.setdefault(r.algo, []).append(r)
+    names = sorted(groups, key=lambda a: (a != baseline, a))
+    nums = {a: [per_run[str(r.path)] for r in groups[a]] for a in names}
+    warnings = [f"{r.path} has no test evaluation yet: left out" for r in runs if r not in usable]
+    warnings += caveats(groups, baseline)
+
+    # Matched train accuracy: levels common to every run of every strategy.
+    curves = {a: [c for c in map(_train_curve, nums[a]) if c is not None] for a in names}
+    all_curves = [c for a in names for c in curves[a]]
+    levels = common_levels(all_curves) if all_curves else np.array([])
+    if all_curves and len(levels) == 0:
+        warnings.append("the runs' train-accuracy ranges do not overlap: no matched-train-accuracy comparison")
+
+    # Baseline target for speed: the max of its mean test-accuracy curve over train seconds.
+    time_curves = {a: mean_curve([(n["time"], n["test"]) for n in nums[a]]) for a in names}
+    iter_curves = {a: mean_curve([(n["iteration"], n["test"]) for n in nums[a]]) for a in names}
+    target = t_base = math.nan
+    if baseline in groups:
+        grid, mean, _ = time_curves[baseline]
+        target = float(mean.max())
+        t_base = time_to_reach(grid, mean, target)
+        if t_base == 0:
+            warnings.append(f"{baseline}'s best mean test accuracy is its starting accuracy (training never improved on it): no speed-up to measure")
+
+    strategies = {}
+    for a in names:
+        ns = nums[a]
+        s: dict = {"runs": len(ns), "seeds": [r.seed for r in groups[a]], "status": sorted(r.status for r in groups[a])}
+        for key in ("iterations", "episodes", "train_seconds", "final_test", "best_test", "final_train", "final_ood_test",
+                    "best_ood_test", "s_per_iteration", "tokens_policy", "tokens_mc"):
+            s[key] = mean_ci([n[key] for n in ns])
+        s["peak_rss_mb"] = max((n["peak_rss_mb"] for n in ns if np.isfinite(n["peak_rss_mb"])), default=math.nan)
+        stage_names = sorted({k for n in ns for k in n["stage_seconds"]}, key=_stage_key)
+        s["stage_seconds"] = {k: mean_ci([n["stage_seconds"].get(k, math.nan) for n in ns])[0] for k in stage_names}
+        # generalization
+        at_levels = np.array([[first_crossing(x, y, lv) for lv in levels] for x, y in curves[a]]) if len(levels) else np.zeros((0, 0))
+        s["test_at_train"] = [mean_ci(at_levels[:, j]) for j in range(len(levels))]
+        s["gen_gap"] = mean_ci([float(np.mean(levels - row)) for row in at_levels]) if len(levels) else (math.nan, math.nan, 0)
+        # speed against the baseline
+        grid, mean, _ = time_curves[a]
+        t = time_to_reach(grid, mean, target) if np.isfinite(target) else math.nan
+        s["time_to_target"] = t
+        s["speedup"] = t_base / t if t > 0 and t_base > 0 else math.nan
+        s["seeds_reaching_target"] = sum(bool((n["test"] >= target - 1e-12).any()) for n in ns) if np.isfinite(target) else 0
+        # Welch against the baseline
+        for key in ("final_test", "best_test"):
+            if baseline in groups and a != baseline:
+                s[f"welch_{key}"] = welch([n[key] for n in ns], [n[key] for n in nums[baseline]])
+            else:
+                s[f"welch_{key}"] = (math.nan, math.nan, math.nan)
+        strategies[a] = s
+
+    return {
+        "task": usable[0].task,
+        "metric": metric,
+        "baseline": baseline,
+        "confidence": CONFIDENCE,
+        "baseline_target": target,
+        "baseline_time_to_target": t_base,
+        "matched_train_levels": [float(v) for v in levels],
+        "stated_budgets": sorted({stated_budget(r.info.get("budget")) for r in usable}),
+        "strategies": strategies,
+        "verdict": verdict(strategies, {a: [n["final_test"] for n in nums[a]] for a in names}),
+        "has_ood": any(np.isfinite(n["final_ood_test"]) for ns in nums.values() for n in ns),
+        "warnings": warnings,
+        "runs": [
+            {"path": str(r.path), "algo": r.algo, "seed": r.seed, "status": r.status, "model": r.info.get("model"),
+             "budget": r.info.get("budget"), "command": r.info.get("command"),
+             **{k: per_run[str(r.path)][k] for k in ("iterations", "episodes", "train_seconds", "final_test", "best_test",
+                                                    "final_train", "final_ood_test", "s_per_iteration", "tokens_policy",
+                                                    "tokens_mc", "peak_rss_mb")}}
+            for r in usable
+        ],
+        "_curves": {"time": time_curves, "iterations": iter_curves, "per_run": {a: nums[a] for a in names}, "train": curves},
+    }
+
+
+def caveats(groups: dict[str, list[Run]], baseline: str) -> list[str]:
+    """What breaks the controls of a comparison, for the reader to see before the numbers."""
+    runs = [r for rs in groups.values() for r in rs]
+    out = []
+    unfinished = [f"{r.name} ({r.status})" for r in runs if r.status != "finished"]
+    if unfinished:
+        out.append(f"runs not finished, numbers at their last eval: {', '.join(unfinished)}")
+    for key, what in (("model", "base models"), ("budget", "budgets"), ("rlzoo_version", "rlzoo versions")):
+        seen = sorted({json.dumps(r.info.get(key), sort_keys=True) for r in runs})
+        if len(seen) > 1:
+            out.append(f"runs differ in {what} ({', '.join(seen)}): the comparison is not controlled")
+    for algo, rs in groups.items():
+        seeds = [r.seed for r in rs]
+        if len(set(map(str, seeds))) < len(seeds):
+            out.append(f"{algo} has several runs with the same seed ({seeds})")
+        if len(seeds) < 2:
+            out.append(f"{algo} has a single seed: no confidence interval")
+    if baseline not in groups:
+        out.append(f"no {baseline!r} runs: speed-up and Welch tests need the baseline (pick one with --baseline)")
+    return out
+
+
+def stated_budget(budget: dict | None) -> str:
+    """run.json's budget as the user stated it: the limits that are set (train marks unset ones 0 and
+    lifts the iteration limit out of reach when another limit governs)."""
+    limits = [f"{k}={v:g}" for k, v in (budget or {}).items() if v and not (k == "iterations" and v >= 10**8)]
+    return ", ".join(limits) or "unknown"
+
+
+def verdict(strategies: dict, finals: dict[str, list[float]]) -> str:
+    """One paragraph: which strategy leads on final test accuracy and whether the seeds can tell it apart."""
+    if len(strategies) < 2:
+        return "Only one strategy: nothing to compare."
+    ranked = sorted(strategies, key=lambda a: -strategies[a]["final_test"][0])
+    top = ranked[0]
+    if any(len(finals[a]) < 2 for a in ranked):
+        return (f"{top} has the highest mean final test accuracy, but a strategy with a single seed has no confidence "
+                "interval: these runs cannot tell the strategies apart. Run at least 3 seeds per strategy.")
+    tied, apart = [], []
+    for a in ranked[1:]:
+        _, p, _ = welch(finals[top], finals[a])
+        (apart if p < ALPHA else tied).append((a, p))
+    lo_top = strategies[top]["final_test"][0] - strategies[top]["final_test"][1]
+    overlap = [a for a in ranked[1:] if strategies[a]["final_test"][0] + strategies[a]["final_test"][1] >= lo_top]
+    text = f"**{top}** has the highest mean final test accuracy ({_pct(strategies[top]['final_test'])})."
+    if tied:
+        rival = tied[0][0]
+        sd = math.sqrt((np.var(finals[top], ddof=1) + np.var(finals[rival], ddof=1)) / 2)
+        need = seeds_to_separate(strategies[top]["final_test"][0] - strategies[rival]["final_test"][0], sd)
+        text += (f" It **cannot be told apart** from {', '.join(f'{a} (Welch p = {p:.2g})' for a, p in tied)} "
+                 f"at the {CONFIDENCE:.0%} level with {len(finals[top])} seeds. ")
+        text += (f"Separating it from {rival} at the observed difference and seed-to-seed spread would take about "
+                 f"{need} seeds per strategy (80% power), or a longer budget that widens the gap." if np.isfinite(need)
+                 else f"Its mean equals {rival}'s: no number of seeds separates them at this budget.")
+    if apart:
+        text += f" It is ahead of {', '.join(f'{a} (Welch p = {p:.2g})' for a, p in apart)} at the {CONFIDENCE:.0%} level."
+    if overlap:
+        text += f" 95% CIs overlapping the leader's: {', '.join(overlap)}."
+    return text + " (Tests on final test accuracy over seeds, uncorrected for multiple comparisons.)"
+
+
+# --------------------------------------------------------------------------------------------------
+# Formatting
+
+
+def _pct(mc) -> str:
+    m, h, n = mc
+    if not np.isfinite(m):
+        return "–"
+    return f"{100 * m:.1f} ± {100 * h:.1f}" if np.isfinite(h) else f"{100 * m:.1f}"
+
+
+def _num(v, fmt="{:.2f}") -> str:
+    if isinstance(v, tuple):
+        v = v[0]
+    return fmt.format(v) if v is not None and np.isfinite(v) else "–"
+
+
+def _count(v) -> str:
+    v = v[0] if isinstance(v, tuple) else v
+    if not np.isfinite(v):
+        return "–"
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(v) >= scale:
+            return f"{v / scale:.2f}{unit}"
+    return f"{v:.0f}"
+
+
+def _p(w) -> str:
+    t, p, _ = w
+    return "–" if not np.isfinite(p) else f"t = {t:.2f}, p = {p:.3g}"
+
+
+def tables(res: dict) -> list[tuple[str, str, list[str], list[list[str]]]]:
+    """(title, note, header, rows) for every table, shared by README.md and the HTML page."""
+    S, base = res["strategies"], res["baseline"]
+    m = res["metric"]
+    out = []
+    hdr = ["strategy", "seeds", "iterations", "episodes", "train seconds", "status"]
+    rows = [[a, str(s["runs"]), _num(s["iterations"], "{:.0f}"), _num(s["episodes"], "{:.0f}"), _num(s["train_seconds"], "{:.0f}"),
+             ", ".join(f"{s['status'].count(x)} {x}" for x in sorted(set(s["status"])))] for a, s in S.items()]
+    out.append(("Budget", f"Stated budget: {' | '.join(res['stated_budgets'])}. All three measures are shown, whatever the budget "
+                "fixed: a cheaper iteration is not a better algorithm.", hdr, rows))
+
+    hdr = ["strategy", f"final test {m}", f"best test {m}", f"final train {m}"] + (["final ood_test"] if res["has_ood"] else []) + [
+        f"Welch vs {base} (final)", f"Welch vs {base} (best)"]
+    rows = [[a, _pct(s["final_test"]), _pct(s["best_test"]), _pct(s["final_train"])] + ([_pct(s["final_ood_test"])] if res["has_ood"] else [])
+            + [_p(s["welch_final_test"]), _p(s["welch_best_test"])] for a, s in S.items()]
+    out.append(("Accuracy", f"Percent, mean ± {res['confidence']:.0%} CI over seeds (Student t). Welch's t-test of each strategy against {base}.", hdr, rows))
+
+    levels = res["matched_train_levels"]
+    if levels:
+        hdr = ["strategy"] + [f"test @ train {100 * lv:.1f}" for lv in levels] + ["gap (train − test)"]
+        rows = [[a] + [_pct(v) for v in s["test_at_train"]] + [_pct(s["gen_gap"])] for a, s in S.items()]
+        out.append(("Generalization at matched train accuracy",
+                    "Test accuracy when each run first reached the given train accuracy (linear between evals), levels "
+                    "spread over the range all runs cover; the gap is train level − test accuracy, averaged over levels.", hdr, rows))
+
+    hdr = ["strategy", f"time to {base}'s best (s)", f"speed-up vs {base}", "seeds reaching it", "s / iteration", "policy tokens", "MC tokens", "peak RSS (MB)"]
+    rows = [[a, _num(s["time_to_target"], "{:.0f}") if np.isfinite(s["time_to_target"]) or not np.isfinite(res["baseline_target"]) else "not reached",
+             _num(s["speedup"], "{:.2f}×"), f"{s['seeds_reaching_target']}/{s['runs']}",
+             _num(s["s_per_iteration"], "{:.2f}"), _count(s["tokens_policy"]), _count(s["tokens_mc"]), _num(s["peak_rss_mb"], "{:.0f}")]
+            for a, s in S.items()]
+    target = res["baseline_target"]
+    note = (f"{base}'s best = max of its mean test-accuracy curve over train seconds = {_pct((target, math.nan, 1))}; "
+            "a strategy's time is where its own mean curve first reaches it. Tokens are per run (mean over seeds)."
+            if np.isfinite(target) else f"No {base} runs: no speed target.")
+    out.append(("Speed and cost", note, hdr, rows))
+
+    stages = sorted({k for s in S.values() for k in s["stage_seconds"]}, key=_stage_key)
+    if stages:
+        hdr = ["strategy"] + [f"{k} (s)" for k in stages] + ["sum of stages (s)", "total s / iteration"]
+        rows = [[a] + [_num(s["stage_seconds"].get(k, math.nan), "{:.3f}") for k in stages]
+                + [_num(sum(v for v in s["stage_seconds"].values() if np.isfinite(v)), "{:.3f}"), _num(s["s_per_iteration"], "{:.3f}")]
+                for a, s in S.items()]
+        out.append(("Seconds per iteration by stage", "Mean over iterations, then over seeds (`time/<stage>` in train records).", hdr, rows))
+    return out
+
+
+def _md_table(header, rows) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def _html_table(header, rows) -> str:
+    th = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    trs = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in rows)
+    return f"<table><thead><tr>{th}</tr></thead><tbody>{trs}</tbody></table>"
+
+
+# --------------------------------------------------------------------------------------------------
+# Plots
+
+
+def make_plots(res: dict, out: Path) -> list[str]:
+    """PNG and SVG of each plot in ``out``; returns the plot names."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    C, base, m = res["_curves"], res["baseline"], res["metric"]
+    colors = {a: plt.cm.tab10(i % 10) for i, a in enumerate(res["strategies"])}
+
+    def band(ax, key, xlabel):
+        for a, (grid, mean, half) in C[key].items():
+            ax.plot(grid, 100 * mean, color=colors[a], label=f"{a} (n={res['strategies'][a]['runs']})")
+            if np.isfinite(half).any():
+                ax.fill_between(grid, 100 * (mean - half), 100 * (mean + half), color=colors[a], alpha=0.2, lw=0)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(f"test {m} (%)")
+
+    figs = {}
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    band(ax, "time", "train wall-clock (s)")
+    if np.isfinite(res["baseline_target"]):
+        ax.axhline(100 * res["baseline_target"], color="gray", ls="--", lw=0.8, label=f"{base}'s best")
+    ax.set_title(f"Test accuracy vs wall-clock (mean, {res['confidence']:.0%} CI)")
+    figs["acc_vs_time"] = fig
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    band(ax, "iterations", "iteration")
+    ax.set_title(f"Test accuracy vs iterations (mean, {res['confidence']:.0%} CI)")
+    figs["acc_vs_iterations"] = fig
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for a, curves in C["train"].items():
+        for x, y in curves:
+            ax.scatter(100 * x, 100 * y, color=colors[a], s=8, alpha=0.35)
+        if curves:
+            levels = common_levels(curves, n=50)
+            if len(levels):
+                at = np.array([[first_crossing(x, y, lv) for lv in levels] for x, y in curves])
+                mean = at.mean(axis=0)
+                ax.plot(100 * levels, 100 * mean, color=colors[a], label=a)
+                if len(curves) > 1:
+                    half = stats.t.ppf(0.5 + CONFIDENCE / 2, len(curves) - 1) * at.std(axis=0, ddof=1) / math.sqrt(len(curves))
+                    ax.fill_between(100 * levels, 100 * (mean - half), 100 * (mean + half), color=colors[a], alpha=0.2, lw=0)
+    lim = ax.get_xlim()
+    ax.plot(lim, lim, color="gray", ls=":", lw=0.8, label="test = train")
+    ax.set_xlabel(f"train {m} (%)")
+    ax.set_ylabel(f"test {m} (%)")
+    ax.set_title("Test vs train accuracy (evals; line: mean at matched train accuracy)")
+    figs["test_vs_train"] = fig
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for a, ns in C["per_run"].items():
+        for i, n in enumerate(ns):
+            ok = np.isfinite(n["kl"])
+            ax.plot(n["kl"][ok], 100 * n["test"][ok], color=colors[a], marker=".", lw=0.8, alpha=0.8, label=a if i == 0 else None)
+    ax.set_xlabel("KL to reference (kl/ref)")
+    ax.set_ylabel(f"test {m} (%)")
+    ax.set_title("Test accuracy vs KL to the reference policy (one line per run)")
+    figs["kl_vs_acc"] = fig
+
+    for name, fig in figs.items():
+        fig.axes[0].grid(alpha=0.3)
+        fig.axes[0].legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(out / f"{name}.png", dpi=120)
+        fig.savefig(out / f"{name}.svg")
+        plt.close(fig)
+    return list(figs)
+
+
+# --------------------------------------------------------------------------------------------------
+# Provenance and writing
+
+
+def provenance(command: str) -> dict:
+    """Where and from what this leaderboard was made."""
+    src = Path(rlzoo.__file__).resolve().parent.parent
+
+    def git(*args):
+        try:
+            return subprocess.run(["git", "-C", str(src), *args], capture_output=True, text=True, timeout=10).stdout.strip()
+        except (OSError, subprocess.TimeoutExpired):
+            return ""
+
+    commit = git("rev-parse", "HEAD")
+    if commit and git("status", "--porcelain", "--untracked-files=no"):
+        commit += " (with uncommitted changes)"
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    try:
+        mem_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    except (ValueError, OSError, AttributeError):
+        mem_gib = math.nan
+    return {
+        "command": command,
+        "git_commit": commit or "unknown (not a git checkout)",
+        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC"),
+        "machine": f"{os.cpu_count()} cores, {cpu}, {mem_gib:.0f} GiB RAM, {platform.system()} {platform.release()}",
+        "python": platform.python_version(),
+        "rlzoo_version": rlzoo.__version__,
+    }
+
+
+def _jsonable(x):
+    if isinstance(x, dict):
+        return {k: _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, (np.floating, float)):
+        return float(x) if np.isfinite(x) else None
+    if isinstance(x, np.integer):
+        return int(x)
+    if isinstance(x, np.ndarray):
+        return _jsonable(x.tolist())
+    return x
+
+
+def _csv_rows(res: dict) -> tuple[list[str], list[list]]:
+    levels = res["matched_train_levels"]
+    header = ["strategy", "runs"]
+    for k in ("final_test", "best_test", "final_train", "final_ood_test", "gen_gap", "iterations", "episodes", "train_seconds",
+              "s_per_iteration", "tokens_policy", "tokens_mc"):
+        header += [f"{k}_mean", f"{k}_ci95"]
+    header += [f"test_at_train_{lv:.4f}_mean" for lv in levels]
+    header += ["time_to_baseline_best_s", "speedup_vs_baseline", "seeds_reaching_baseline_best", "peak_rss_mb",
+               "welch_t_final", "welch_p_final", "welch_t_best", "welch_p_best"]
+    stages = sorted({k for s in res["strategies"].values() for k in s["stage_seconds"]}, key=_stage_key)
+    header += [f"time_{k}_s_per_iteration" for k in stages]
+    rows = []
+    for a, s in res["strategies"].items():
+        row = [a, s["runs"]]
+        for k in ("final_test", "best_test", "final_train", "final_ood_test", "gen_gap", "iterations", "episodes", "train_seconds",
+                  "s_per_iteration", "tokens_policy", "tokens_mc"):
+            row += [s[k][0], s[k][1]]
+        row += [v[0] for v in s["test_at_train"]]
+        row += [s["time_to_target"], s["speedup"], s["seeds_reaching_target"], s["peak_rss_mb"],
+                s["welch_final_test"][0], s["welch_final_test"][1], s["welch_best_test"][0], s["welch_best_test"][1]]
+        row += [s["stage_seconds"].get(k, math.nan) for k in stages]
+        rows.append(["" if isinstance(v, float) and not np.isfinite(v) else (f"{v:.6g}" if isinstance(v, float) else v) for v in row])
+    return header, rows
+
+
+def write_leaderboard(runs: list[Run], out: Path, command: str = "", baseline: str = "ppo", metric: str = "pass@1",
+                      notes: list[str] | None = None) -> dict:
+    """Write README.md, results.csv, results.json, runs.csv, plots/*.png|svg and index.html into ``out``;
+    returns the results (as written to results.json)."""
+    res = summarize(runs, baseline=baseline, metric=metric)
+    out = Path(out)
+    (out / "plots").mkdir(parents=True, exist_ok=True)
+    plots = make_plots(res, out / "plots")
+    prov = provenance(command)
+    tabs = tables(res)
+    notes = list(notes or [])
+
+    header, rows = _csv_rows(res)
+    with open(out / "results.csv", "w", newline="") as f:
+        csv.writer(f).writerows([header, *rows])
+    run_keys = [k for k in res["runs"][0] if k not in ("command", "budget")]
+    with open(out / "runs.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(run_keys + ["budget"])
+        for r in res["runs"]:
+            w.writerow([r[k] for k in run_keys] + [json.dumps(r["budget"])])
+    public = {k: v for k, v in res.items() if not k.startswith("_")}
+    (out / "results.json").write_text(json.dumps(_jsonable({**public, "provenance": prov, "notes": notes}), indent=2))
+
+    title = f"rlzoo leaderboard — {res['task']}"
+    prov_lines = [f"{k}: {v}" for k, v in prov.items()] + [f"note: {n}" for n in notes]
+    md = [f"# {title}", "", res["verdict"], ""]
+    if res["warnings"]:
+        md += ["**Caveats**", ""] + [f"- {w}" for w in res["warnings"]] + [""]
+    for name, note, hdr, rows_ in tabs:
+        md += [f"## {name}", "", note, "", _md_table(hdr, rows_), ""]
+    md += ["## Plots", ""]
+    for p in plots:
+        md += [f"![{p}](plots/{p}.png)", f"([SVG](plots/{p}.svg))", ""]
+    md += ["## Runs", "", _md_table(["run", "strategy", "seed", "status"],
+                                    [[os.path.relpath(r["path"], out.resolve()), r["algo"], str(r["seed"]), r["status"]] for r in res["runs"]]), ""]
+    md += ["## Provenance", "", "```", *prov_lines, "```", "",
+           "Files: `results.csv` (per strategy), `runs.csv` (per run), `results.json` (everything), `index.html` (this page, self-contained).", ""]
+    (out / "README.md").write_text("\n".join(md))
+
+    imgs = "".join(
+        f'<figure><img alt="{p}" src="data:image/png;base64,{base64.b64encode((out / "plots" / f"{p}.png").read_bytes()).decode()}"></figure>'
+        for p in plots)
+    body = [f"<h1>{html.escape(title)}</h1>", f"<p>{_md_bold_to_html(res['verdict'])}</p>"]
+    if res["warnings"]:
+        body += ["<h3>Caveats</h3><ul>" + "".join(f"<li>{html.escape(w)}</li>" for w in res["warnings"]) + "</ul>"]
+    for name, note, hdr, rows_ in tabs:
+        body += [f"<h2>{html.escape(name)}</h2>", f"<p>{html.escape(note)}</p>", _html_table(hdr, rows_)]
+    body += ["<h2>Plots</h2>", imgs, "<h2>Provenance</h2>", f"<pre>{html.escape(chr(10).join(prov_lines))}</pre>"]
+    style = ("body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}"
+             "table{border-collapse:collapse;margin:0.5em 0 1.5em}td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}"
+             "td:first-child,th:first-child{text-align:left}th{background:#f4f4f4}figure{display:inline-block;margin:0.5em}"
+             "img{max-width:520px}pre{background:#f7f7f7;padding:0.8em;overflow-x:auto}")
+    (out / "index.html").write_text(
+        f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title><style>{style}</style></head>"
+        f"<body>{''.join(body)}</body></html>")
+    return public
+
+
+def _md_bold_to_html(text: str) -> str:
+    parts = html.escape(text).split("**")
+    return "".join(f"<b>{p}</b>" if i % 2 else p for i, p in enumerate(parts))
+
+
+def leaderboard_command(paths: list[Path], out: Path, baseline: str, metric: str) -> str:
+    """The command line that reproduces a leaderboard (for provenance)."""
+    args = ["rlzoo", "leaderboard", *map(str, paths), "--out", str(out)]
+    if baseline != "ppo":
+        args += ["--baseline", baseline]
+    if metric != "pass@1":
+        args += ["--metric", metric]
+    return shlex.join(args)
+

@@ -1,0 +1,313 @@
+"""Policies: load any causal LM + tokenizer; build and pretrain the built-in default.
+
+Every policy is a transformers ``AutoModelForCausalLM`` with its ``AutoTokenizer``, saved as
+safetensors with ``save_pretrained``. ``load_policy("default")`` is the built-in default: a small
+Llama over a character vocabulary, trained by supervised fine-tuning (SFT) on the worked solutions
+of the arithmetic task, cached under ``$RLZOO_HOME/policies/default-<hash of its config>/`` so that
+it is built once per config.
+
+Tokenizer conventions rlzoo relies on:
+- ``tokenizer(prompt)`` gives the prompt ids the engine continues (BOS first for the built-in policy,
+  whatever the model's own template adds for a hub model);
+- a pad token always exists (the EOS token when the model has none);
+- ``padding_side = "left"``: batched prompts end where generation starts. Code that builds training
+  tensors (rollout batches, SFT) pads by hand on the right and never relies on this setting.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import random
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import gin
+import torch
+
+from rlzoo.errors import UserError
+
+SPECIAL_TOKENS = ("<pad>", "<s>", "</s>", "<unk>")  # pad, bos, eos, unk: ids 0..3 of a char tokenizer
+PRETRAIN_FORMAT = 1  # bump when pretraining changes in a way that makes old cached policies stale
+
+
+# --------------------------------------------------------------------------------------------- tokenizer
+
+
+def build_char_tokenizer(alphabet: str):
+    """A character-level PreTrainedTokenizerFast: one token per character of ``alphabet``.
+
+    A BPE model with no merges splits text into single characters; the Fuse decoder joins them back,
+    so ``decode(encode(text), skip_special_tokens=True) == text`` for any text over the alphabet,
+    newlines and spaces included. Encoding prepends BOS; characters outside the alphabet become <unk>.
+    """
+    from tokenizers import Tokenizer, decoders, models, processors
+    from transformers import PreTrainedTokenizerFast
+
+    chars = list(dict.fromkeys(alphabet))  # unique, in order: token ids are stable for a given alphabet
+    if any(c in SPECIAL_TOKENS for c in chars) or not chars:
+        raise ValueError(f"alphabet must be non-empty characters, got {alphabet!r}")
+    vocab = {token: i for i, token in enumerate([*SPECIAL_TOKENS, *chars])}
+    pad, bos, eos, unk = SPECIAL_TOKENS
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token=unk))
+    backend.add_special_tokens(list(SPECIAL_TOKENS))
+    backend.decoder = decoders.Fuse()
+    backend.post_processor = processors.TemplateProcessing(
+        single=f"{bos} $A", pair=f"{bos} $A $B", special_tokens=[(bos, vocab[bos])]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        pad_token=pad,
+        bos_token=bos,
+        eos_token=eos,
+        unk_token=unk,
+        padding_side="left",
+        clean_up_tokenization_spaces=False,
+    )
+
+
+# ------------------------------------------------------------------------------------------------ loading
+
+
+def _is_local_path(name: str) -> bool:
+    """A hub id is ``name`` or ``org/name``; anything else that looks like a path is meant as one."""
+    return Path(name).expanduser().exists() or name.startswith(("/", ".", "~")) or name.count("/") > 1 or "\\" in name
+
+
+def load_policy(name_or_path: str, device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None):
+    """(model, tokenizer) for a hub id, a local folder written by ``save_pretrained``, or ``"default"``.
+
+    ``dtype``: a torch dtype or its name ("bfloat16"); None keeps the saved one. The model is in eval
+    mode on ``device``. Anything that cannot be loaded raises a one-line UserError.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # per-file loading bars: noise next to rlzoo's own output
+    if name_or_path == "default":
+        source = str(default_policy_path())
+    elif _is_local_path(name_or_path):
+        path = Path(name_or_path).expanduser()
+        if not path.is_dir():
+            raise UserError(f"model path {name_or_path!r} does not exist (give a folder written by save_pretrained, a hub id, or 'default')")
+        if not (path / "config.json").is_file():
+            raise UserError(f"model folder {name_or_path!r} has no config.json (give a folder written by save_pretrained)")
+        source = str(path)
+    else:
+        source = name_or_path
+    if isinstance(dtype, str):
+        if not isinstance(getattr(torch, dtype, None), torch.dtype):
+            raise UserError(f"unknown dtype {dtype!r}; use float32, bfloat16 or float16")
+        dtype = getattr(torch, dtype)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+    except (OSError, ValueError, KeyError) as e:
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise UserError(f"cannot load model {name_or_path!r} (not a local model folder, and not loadable from the Hugging Face hub: {reason})") from None
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    return model.to(device).eval(), tokenizer
+
+
+# ------------------------------------------------------------------------------------ the built-in default
+
+
+@gin.configurable("pretrain")
+@dataclass
+class PretrainConfig:
+    """How the built-in default policy is built. Every field enters the cache key."""
+
+    task: str = "arith"  # task whose worked solutions (prompt -> target) the SFT imitates
+    # Knobs passed to the task's constructor. arith's train pool widened to 100k so that SFT sees each problem about
+    # once (arith's test split stays disjoint; the RL train pool is the first 4,000, seen once at most).
+    task_kwargs: dict = field(default_factory=lambda: {"train_size": 100_000})
+    hidden_size: int = 128  # Llama width
+    num_layers: int = 4  # Llama decoder layers
+    num_heads: int = 4  # attention heads (no grouped-query attention)
+    intermediate_size: int = 384  # MLP width
+    steps: int = 1200  # optimizer steps
+    batch_size: int = 64  # sequences (prompt + solution) per step
+    lr: float = 2e-3  # AdamW peak learning rate
+    warmup_steps: int = 100  # linear warm-up from 0 to lr, then cosine decay to 0
+    weight_decay: float = 0.0  # AdamW decoupled weight decay
+    grad_clip: float = 1.0  # max global grad norm
+    seed: int = 0  # initial weights and data order
+
+
+# Presets: field values under the gin bindings (a binding of pretrain.X beats the preset's X).
+PRESETS: dict[str, dict] = {
+    "default": {},
+    # Builds in well under a minute; an easier arith so that sampled accuracy is clearly above 0 (RL tests).
+    "tiny": dict(hidden_size=64, num_layers=2, num_heads=2, intermediate_size=192, steps=300, batch_size=32, warmup_steps=30),
+}
+
+
+def pretrain_config(preset: str = "default", **overrides) -> PretrainConfig:
+    """The preset's config, with the process's gin bindings of ``pretrain.*`` over it and ``overrides`` over both."""
+    if preset not in PRESETS:
+        raise UserError(f"unknown pretrain preset {preset!r}; known: {', '.join(PRESETS)}")
+    return PretrainConfig(**{**PRESETS[preset], **gin.get_bindings("pretrain"), **overrides})
+
+
+def rlzoo_home() -> Path:
+    """Where rlzoo caches what it builds: $RLZOO_HOME, else $XDG_CACHE_HOME/rlzoo, else ~/.cache/rlzoo."""
+    if os.environ.get("RLZOO_HOME"):
+        return Path(os.environ["RLZOO_HOME"]).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "rlzoo"
+
+
+def _sft_data(cfg: PretrainConfig, home: Path | None) -> tuple[object, list[tuple[str, str]], Path]:
+    """The SFT task, its (prompt, target) train pairs, and the cache folder of the policy ``cfg`` builds.
+
+    The task gets its constructor's defaults with ``cfg.task_kwargs`` over them, passed explicitly so
+    that the run's gin bindings of the task (``--set arith.test_size=20``) neither reach the pretrain
+    nor trigger a rebuild; the pretrain's task is set by ``pretrain.task_kwargs`` alone.
+    """
+    import inspect
+
+    from rlzoo.tasks import TASKS
+
+    task_cls = TASKS.get(cfg.task)
+    defaults = {k: p.default for k, p in inspect.signature(task_cls).parameters.items() if p.default is not p.empty}
+    unknown = set(cfg.task_kwargs) - set(defaults)
+    if unknown:
+        raise UserError(f"pretrain.task_kwargs: task {cfg.task!r} has no knob {', '.join(sorted(unknown))}; it has {', '.join(defaults)}")
+    task = task_cls(**{**defaults, **cfg.task_kwargs})
+    pairs = [(task.prompt(p), task.target(p)) for p in task.problems("train")]
+    # The key hashes the data as well as the config, so a change to how the task writes problems is a new policy.
+    blob = json.dumps({"format": PRETRAIN_FORMAT, "config": dataclasses.asdict(cfg), "data": pairs[:256], "n": len(pairs)}, sort_keys=True)
+    folder = Path(home or rlzoo_home()) / "policies" / f"default-{hashlib.sha256(blob.encode()).hexdigest()[:12]}"
+    return task, pairs, folder
+
+
+def policy_folder(cfg: PretrainConfig, home: Path | None = None) -> Path:
+    """The cache folder of the policy ``cfg`` builds (it may not exist yet)."""
+    return _sft_data(cfg, home)[2]
+
+
+def default_policy_path(cfg: PretrainConfig | None = None, home: Path | None = None) -> Path:
+    """The cached default policy folder for ``cfg`` (default: ``pretrain_config()``), built if missing."""
+    cfg = cfg or pretrain_config()
+    folder = policy_folder(cfg, home)
+    return folder if (folder / "pretrain.json").is_file() else pretrain(cfg, home)
+
+
+def build_model(cfg: PretrainConfig, tokenizer):
+    """A freshly initialised Llama sized by ``cfg`` over ``tokenizer``'s vocabulary."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads,
+        num_key_value_heads=cfg.num_heads,
+        max_position_embeddings=1024,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(cfg.seed)
+    return LlamaForCausalLM(config)
+
+
+def _sft_batch(tokenizer, pairs: list[tuple[str, str]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Right-padded (input_ids, attention_mask, labels); labels are -100 on prompt and padding, so the loss
+    counts only the target's tokens and the EOS that ends it."""
+    prompts = tokenizer([prompt for prompt, _ in pairs])["input_ids"]  # BOS + prompt, as the engine will see it
+    targets = tokenizer([target for _, target in pairs], add_special_tokens=False)["input_ids"]
+    rows = [p + t + [tokenizer.eos_token_id] for p, t in zip(prompts, targets)]
+    label_rows = [[-100] * len(p) + t + [tokenizer.eos_token_id] for p, t in zip(prompts, targets)]
+    width = max(map(len, rows))
+    input_ids = torch.full((len(rows), width), tokenizer.pad_token_id)  # [B, L] long
+    labels = torch.full((len(rows), width), -100)  # [B, L] long
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)  # [B, L] long
+    for i, (row, label_row) in enumerate(zip(rows, label_rows)):
+        input_ids[i, : len(row)] = torch.tensor(row)
+        labels[i, : len(row)] = torch.tensor(label_row)
+        attention_mask[i, : len(row)] = 1
+    return input_ids, attention_mask, labels
+
+
+def pretrain(cfg: PretrainConfig, home: Path | None = None, force: bool = False, progress: bool = True) -> Path:
+    """Build the default policy for ``cfg`` by SFT and return its cache folder.
+
+    Skipped when the folder already exists (unless ``force``). The policy is built in a temporary
+    folder beside the cache and renamed into place when complete, so a killed build leaves nothing
+    that looks finished.
+    """
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from transformers import get_cosine_schedule_with_warmup
+    from transformers.utils import logging as hf_logging
+
+    task, pairs, folder = _sft_data(cfg, home)
+    if not pairs:
+        raise UserError(f"task {cfg.task!r} has no train problems to pretrain on")
+    if (folder / "pretrain.json").is_file() and not force:
+        return folder
+
+    if not hasattr(task, "alphabet"):
+        raise UserError(f"task {cfg.task!r} has no character alphabet; the built-in policy pretrains on tasks that do (arith)")
+    tokenizer = build_char_tokenizer(task.alphabet)
+    model = build_model(cfg, tokenizer).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
+    schedule = get_cosine_schedule_with_warmup(optimizer, cfg.warmup_steps, cfg.steps)
+    rng = random.Random(cfg.seed)
+    order: list[int] = []  # a fresh shuffle of the train pairs each epoch
+    started, losses = time.time(), []
+    columns = [TextColumn("pretrain"), BarColumn(), TextColumn("{task.completed}/{task.total} loss {task.fields[loss]:.3f}"), TimeElapsedColumn(), TimeRemainingColumn()]
+    with Progress(*columns, disable=not progress, transient=False) as bar:
+        bar_task = bar.add_task("sft", total=cfg.steps, loss=math.nan)
+        for step in range(cfg.steps):
+            if len(order) < cfg.batch_size:
+                order += rng.sample(range(len(pairs)), len(pairs))
+            batch, order = [pairs[i] for i in order[: cfg.batch_size]], order[cfg.batch_size :]
+            input_ids, attention_mask, labels = _sft_batch(tokenizer, batch)
+            loss = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            optimizer.step()
+            schedule.step()
+            losses.append(loss.item())
+            bar.update(bar_task, advance=1, loss=sum(losses[-20:]) / len(losses[-20:]))
+            if progress and not bar.console.is_terminal and (step + 1) % max(cfg.steps // 10, 1) == 0:
+                bar.console.print(f"pretrain step {step + 1}/{cfg.steps} loss {losses[-1]:.3f} {time.time() - started:.0f}s")  # logs get lines, not a bar
+
+    hf_logging.disable_progress_bar()
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    building = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
+    model.eval().save_pretrained(building)
+    tokenizer.save_pretrained(building)
+    info = {
+        "format": PRETRAIN_FORMAT,
+        "config": dataclasses.asdict(cfg),
+        "params": sum(p.numel() for p in model.parameters()),
+        "seconds": round(time.time() - started, 1),
+        "final_loss": sum(losses[-50:]) / len(losses[-50:]),
+        "train_pairs": len(pairs),
+    }
+    (building / "pretrain.json").write_text(json.dumps(info, indent=2) + "\n")  # written last: marks it complete
+    if folder.exists():  # --force, or a concurrent build finished first: the newest build wins
+        stale = Path(tempfile.mkdtemp(prefix=f".{folder.name}-stale-", dir=folder.parent))
+        os.replace(folder, stale / "old")
+        shutil.rmtree(stale, ignore_errors=True)
+    os.replace(building, folder)
+    return folder
+
+
+def describe_policy(folder: Path) -> dict:
+    """What pretrain.json records about a built default policy (params, seconds, config, ...)."""
+    return json.loads((Path(folder) / "pretrain.json").read_text())

@@ -1,0 +1,121 @@
+"""The policy room: char tokenizer, save/load of any causal LM, the cached pretrain of the built-in default."""
+
+import dataclasses
+import os
+
+import gin
+import pytest
+import torch
+
+from rlzoo.errors import UserError
+from rlzoo.policy import (
+    PRESETS,
+    PretrainConfig,
+    build_char_tokenizer,
+    build_model,
+    describe_policy,
+    load_policy,
+    pretrain,
+    pretrain_config,
+)
+from rlzoo.tasks import get_task
+
+
+def test_char_tokenizer_round_trip_is_exact(tmp_path):
+    from transformers import AutoTokenizer
+
+    task = get_task("arith")
+    tokenizer = build_char_tokenizer(task.alphabet)
+    problems = task.problems("test")[:20]
+    texts = [task.alphabet, "\n\n" + task.alphabet[::-1] + "\n"]
+    texts += [task.prompt(p) + task.target(p) for p in problems]
+    tokenizer.save_pretrained(tmp_path)
+    reloaded = AutoTokenizer.from_pretrained(tmp_path)
+    for text in texts:
+        ids = tokenizer(text)["input_ids"]
+        assert ids[0] == tokenizer.bos_token_id and len(ids) == len(text) + 1  # BOS, then one token per character
+        assert tokenizer.decode(ids, skip_special_tokens=True) == text
+        assert reloaded(text)["input_ids"] == ids
+        assert reloaded.decode(ids, skip_special_tokens=True) == text
+    assert len(tokenizer) == len(set(task.alphabet)) + 4
+    assert tokenizer("\u00e9")["input_ids"][1] == tokenizer.unk_token_id  # outside the alphabet
+
+
+def test_saved_policy_reloads_with_identical_logits(tmp_path):
+    tokenizer = build_char_tokenizer(get_task("arith").alphabet)
+    model = build_model(PretrainConfig(), tokenizer).eval()  # the default architecture, random weights
+    model.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    assert (tmp_path / "model.safetensors").is_file()
+
+    loaded, loaded_tokenizer = load_policy(str(tmp_path))
+    assert loaded_tokenizer.padding_side == "left" and loaded_tokenizer.pad_token_id == tokenizer.pad_token_id
+    batch = loaded_tokenizer(["12+3?\n", "7*8-1?\n"], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        expected = model(**batch).logits
+        actual = loaded(**batch).logits
+    torch.testing.assert_close(actual, expected, rtol=0, atol=0)
+
+
+def test_pretrain_is_cached_by_config(tmp_path):
+    cfg = PretrainConfig(**{**PRESETS["tiny"], "steps": 3, "warmup_steps": 1})
+    folder = pretrain(cfg, home=tmp_path, progress=False)
+    weights = folder / "model.safetensors"
+    built_at = weights.stat().st_mtime_ns
+    assert describe_policy(folder)["config"] == dataclasses.asdict(cfg)
+    assert [p.name for p in folder.parent.iterdir()] == [folder.name]  # no temporary build folder left behind
+
+    assert pretrain(cfg, home=tmp_path, progress=False) == folder
+    assert weights.stat().st_mtime_ns == built_at  # found in the cache, not retrained
+
+    other = pretrain(dataclasses.replace(cfg, seed=1), home=tmp_path, progress=False)
+    assert other != folder and (other / "pretrain.json").is_file()
+
+    rebuilt = pretrain(cfg, home=tmp_path, force=True, progress=False)
+    assert rebuilt == folder and weights.stat().st_mtime_ns != built_at
+    assert sorted(p.name for p in folder.parent.iterdir()) == sorted([folder.name, other.name])
+
+
+def test_pretrain_config_layers_preset_gin_and_overrides():
+    try:
+        gin.parse_config(["pretrain.steps = 7"])
+        cfg = pretrain_config("tiny", seed=3)
+        assert cfg.steps == 7 and cfg.seed == 3 and cfg.hidden_size == PRESETS["tiny"]["hidden_size"]
+    finally:
+        gin.clear_config()
+    with pytest.raises(UserError, match="unknown pretrain preset"):
+        pretrain_config("huge")
+
+
+def test_load_policy_default_uses_the_gin_config(tiny_policy_path):
+    """`default` is whatever pretrain.* configures: bound to the tiny preset, it is the tiny policy (cached)."""
+    from rlzoo.config import apply_gin
+
+    bindings = [f"pretrain.{k} = {v!r}" for k, v in PRESETS["tiny"].items()]
+    try:
+        apply_gin([], bindings)
+        model, tokenizer = load_policy("default")
+    finally:
+        gin.clear_config()
+    expected, _ = load_policy(str(tiny_policy_path))
+    torch.testing.assert_close(model.model.embed_tokens.weight, expected.model.embed_tokens.weight)
+
+
+@pytest.mark.parametrize(
+    "name, message",
+    [
+        ("./no/such/model", "does not exist"),
+        ("/definitely/not/here", "does not exist"),
+        ("no-such-org/no-such-model", "cannot load model"),  # offline in tests (HF_HUB_OFFLINE)
+    ],
+)
+def test_load_policy_errors_are_one_line(name, message):
+    with pytest.raises(UserError, match=message) as info:
+        load_policy(name)
+    assert "\n" not in str(info.value)
+
+
+def test_load_policy_rejects_a_folder_without_a_model(tmp_path):
+    with pytest.raises(UserError, match="no config.json"):
+        load_policy(str(tmp_path))
+    assert os.listdir(tmp_path) == []
