@@ -56,9 +56,11 @@ class BenchPlan:
     configs: tuple[str, ...]  # absolute paths of the gin files, in order
     config_sha256: tuple[str, ...]  # their contents: an edited file is a different plan
     bindings: tuple[str, ...]  # --set key=value, in order
+    launcher: tuple[str, ...] = ()  # what runs "rlzoo.cli train ..." (default: this python -m); e.g. torchrun --nproc_per_node 4 -m
 
     def as_dict(self) -> dict:
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+        out = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+        return out if self.launcher else {k: v for k, v in out.items() if k != "launcher"}  # plans from before launchers read the same
 
 
 @dataclass
@@ -90,8 +92,12 @@ def _sha256(path: Path) -> str:
 
 
 def make_plan(algos: str | list[str], task: str, model: str = "default", seeds: int = 3, budget: str | None = None,
-              configs: list[str | Path] = (), bindings: list[str] = ()) -> BenchPlan:
+              configs: list[str | Path] = (), bindings: list[str] = (), launcher: str | None = None) -> BenchPlan:
     """Validate the bench options (one-line UserError for each mistake) and return the plan."""
+    launch = tuple(shlex.split(launcher)) if launcher else ()
+    if launch and launch[-1] not in ("-m", "--module"):
+        raise UserError(f"--launcher {launcher!r} must end with the flag that runs a module, e.g. "
+                        "'torchrun --nproc_per_node 4 -m' or 'deepspeed --num_gpus 4 --module'")
     names = [a.strip() for a in algos.split(",")] if isinstance(algos, str) else [a.strip() for a in algos]
     names = [a for a in names if a]
     if not names:
@@ -131,6 +137,7 @@ def make_plan(algos: str | list[str], task: str, model: str = "default", seeds: 
         configs=tuple(str(p.resolve()) for p in paths),
         config_sha256=tuple(_sha256(p) for p in paths),
         bindings=tuple(bindings),
+        launcher=launch,
     )
 
 
@@ -141,7 +148,7 @@ def plan_runs(plan: BenchPlan, out: Path) -> list[PlannedRun]:
     for seed in plan.seeds:
         for algo in plan.algos:
             run_dir = out / "runs" / f"{algo}-seed{seed}"
-            cmd = [sys.executable, "-m", "rlzoo.cli", "train", "--algo", algo, "--task", plan.task, "--model", plan.model,
+            cmd = [*(plan.launcher or (sys.executable, "-m")), "rlzoo.cli", "train", "--algo", algo, "--task", plan.task, "--model", plan.model,
                    "--seed", str(seed), "--out", str(run_dir)]
             for c in plan.configs:
                 cmd += ["--config", c]
@@ -189,6 +196,8 @@ def bench_command(plan: BenchPlan, out: Path, jobs: int, leaderboard: Path | Non
         args += ["--config", show(c)]
     for b in plan.bindings:
         args += ["--set", b]
+    if plan.launcher:
+        args += ["--launcher", shlex.join(plan.launcher)]
     args += ["--out", show(Path(out).resolve()), "--jobs", str(jobs)]
     if leaderboard:
         args += ["--leaderboard", show(Path(leaderboard).resolve())]

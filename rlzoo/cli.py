@@ -12,6 +12,16 @@ import typer
 
 from rlzoo.errors import UserError
 
+# typer >= 0.20 raises the exceptions of the click it vendors (typer._click), older typer click's own: catch both.
+try:
+    from typer._click import exceptions as _typer_click_exceptions
+except ImportError:
+    _typer_click_exceptions = click.exceptions
+NO_ARGS_ERRORS = (click.exceptions.NoArgsIsHelpError, _typer_click_exceptions.NoArgsIsHelpError)
+USAGE_ERRORS = (click.UsageError, _typer_click_exceptions.UsageError)
+ABORTS = (click.exceptions.Abort, typer.Abort)
+EXITS = (click.exceptions.Exit, typer.Exit)
+
 app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
@@ -167,16 +177,21 @@ def bench(
     out: Path = typer.Option(Path("bench"), help="bench folder: runs/, logs/, bench.json, leaderboard/; re-run to resume"),
     jobs: int = typer.Option(1, help="runs at once (wall-clock comparisons are fairest at 1)"),
     leaderboard: Path = typer.Option(None, help="where to write the leaderboard (default OUT/leaderboard)"),
+    launcher: str = typer.Option(None, help="runs each train on several processes, e.g. 'torchrun --nproc_per_node 4 -m' "
+                                 "or 'deepspeed --num_gpus 4 --module' (default: one python process)"),
 ) -> None:
     """Compare strategies under one budget: one run per (strategy, seed), skip finished, resume interrupted, then a leaderboard."""
     from rlzoo.bench import make_plan, run_bench
 
-    plan = make_plan(algos, task, model=model, seeds=seeds, budget=budget, configs=config, bindings=set_)
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        raise UserError("run `rlzoo bench` as one process; to train each run on several processes give it "
+                        "--launcher 'torchrun --nproc_per_node N -m'")
+    plan = make_plan(algos, task, model=model, seeds=seeds, budget=budget, configs=config, bindings=set_, launcher=launcher)
     result = run_bench(plan, out, jobs=jobs, leaderboard=leaderboard)
     if result.unfinished:
         print(f"rlzoo: {len(result.unfinished)} run(s) did not finish: {', '.join(result.unfinished)}; logs in {result.logs}; "
               "re-run the same command to resume", file=sys.stderr)
-        sys.exit(1)  # not typer.Exit: main() runs the app with standalone_mode=False, which returns its code
+        raise typer.Exit(1)
 
 
 @app.command("leaderboard")
@@ -193,6 +208,35 @@ def leaderboard_(
     res = write_leaderboard(found, out, command=leaderboard_command(runs, out, baseline, metric), baseline=baseline, metric=metric)
     print(res["verdict"].replace("**", ""))
     print(f"rlzoo: leaderboard of {len(res['runs'])} runs in {out}/ (README.md, index.html)")
+
+
+@app.command()
+def audit(
+    algos: str = typer.Option("ppo,vineppo,grpo,rloo", help="strategies whose credit is audited, comma-separated"),
+    task: str = typer.Option("arith", help="task name (see `rlzoo list`); its test split is held out"),
+    policy: str = typer.Option(None, help="model folder, hub id, 'default', or a run folder (its latest checkpoint); "
+                               "default: the --critic run's policy, else 'default'"),
+    critic: Path = typer.Option(None, help="a ppo run folder: ppo's credit is its latest checkpoint's critic"),
+    critic_iterations: int = typer.Option(20, help="without --critic: train ppo's critic for N iterations (policy frozen) into OUT/"),
+    problems: int = typer.Option(64, help="held-out problems (the first N of the test split)"),
+    truth_samples: int = typer.Option(256, help="continuations per state for the Monte-Carlo ground truth"),
+    alternatives: int = typer.Option(5, help="next steps drawn from every state for the ranking metric (at least 2)"),
+    k: int = typer.Option(None, help="VinePPO's continuations per state (default: vineppo.k as configured)"),
+    out: Path = typer.Option(Path("leaderboard/audit"), help="output folder: audit.json, audit.md, plots"),
+    seed: int = typer.Option(0, help="every random draw of the audit derives from it"),
+    config: list[str] = typer.Option([], help="gin config file(s), e.g. benchmarks/quick.gin (sampler, K, group size, critic training)"),
+    set_: list[str] = typer.Option([], "--set", help="gin binding, e.g. vineppo.k=9 (repeatable)"),
+) -> None:
+    """Audit credit assignment: each strategy's values and advantages against Monte-Carlo ground truth."""
+    from rlzoo.audit import AuditConfig, run_audit
+    from rlzoo.config import apply_gin
+
+    apply_gin(config, set_)
+    cfg = AuditConfig(algos=tuple(dict.fromkeys(a.strip() for a in algos.split(",") if a.strip())), problems=problems,
+                      truth_samples=truth_samples, alternatives=alternatives, k=k, seed=seed)
+    run_audit(task, out, cfg, policy=policy, critic=critic, critic_iterations=critic_iterations,
+              command=" ".join(["rlzoo"] + sys.argv[1:]))
+    print(f"rlzoo: audit in {out}/ (audit.md, audit.json, plots)")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -234,16 +278,16 @@ def _run(argv: list[str]) -> None:
     except UserError as e:
         print(f"rlzoo: error: {e}", file=sys.stderr)
         sys.exit(2)
-    except click.exceptions.NoArgsIsHelpError as e:
+    except NO_ARGS_ERRORS as e:
         e.ctx and print(e.ctx.get_help())
         sys.exit(0)
-    except click.UsageError as e:
+    except USAGE_ERRORS as e:
         print(f"rlzoo: error: {e.format_message()}", file=sys.stderr)
         sys.exit(2)
-    except click.exceptions.Abort:
+    except ABORTS:
         print("rlzoo: aborted", file=sys.stderr)
         sys.exit(130)
-    except click.exceptions.Exit as e:
+    except EXITS as e:
         sys.exit(e.exit_code)
 
 

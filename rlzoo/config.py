@@ -42,6 +42,8 @@ def apply_gin(config_files: Sequence[str | Path] = (), bindings: Sequence[str] =
             raise UserError(f"--set {binding!r}: expected configurable.parameter=value, e.g. pretrain.steps=300")
     _import_configurables()
     gin.clear_config()
+    for path in config_files:  # so that `include 'other.gin'` finds files beside the including one
+        gin.add_config_file_search_path(str(Path(path).resolve().parent))
     try:
         gin.parse_config_files_and_bindings([str(p) for p in config_files], list(bindings), finalize_config=False)
     except Exception as e:  # gin raises ValueError, SyntaxError, KeyError ... with multi-line messages

@@ -2,8 +2,8 @@
 
 Every helper is the identity in one process, so single-process code paths are the same code.
 
-- ``init(device)``: join the launcher's process group (read from the ``RANK`` / ``WORLD_SIZE`` /
-  ``MASTER_ADDR`` / ``MASTER_PORT`` environment both launchers set) and pick this rank's device.
+- ``join()``: join the launcher's process group (from the ``RANK`` / ``WORLD_SIZE`` / ``MASTER_ADDR`` /
+  ``MASTER_PORT`` environment both launchers set); ``init(device)``: that, and this rank's device.
 - ``rank()``, ``world_size()``, ``is_main()``; ``shard(n)``: this rank's contiguous part of ``range(n)``.
 - collectives: ``all_reduce``, ``gather_objects``, ``gather_rows``, ``barrier``, ``check`` (all ranks
   raise the same one-line UserError when any rank fails a check, instead of hanging).
@@ -24,6 +24,7 @@ import copy
 import datetime
 import json
 import os
+import socket
 import sys
 from pathlib import Path
 from typing import Any, Callable
@@ -37,7 +38,7 @@ from rlzoo.errors import UserError
 
 
 def launched() -> bool:
-    """Whether a launcher (torchrun, deepspeed, srun with the same variables) started this process as a rank."""
+    """Whether a launcher (torchrun, deepspeed, anything that sets RANK and WORLD_SIZE) started this process as a rank."""
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
@@ -237,6 +238,12 @@ class Trained:
         if deepspeed_config is not None:
             import deepspeed
 
+            if not dist.is_initialized():  # one process without a launcher: DeepSpeed still wants a process group
+                with socket.socket() as s:
+                    s.bind(("127.0.0.1", 0))
+                    port = s.getsockname()[1]
+                dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+            os.environ.setdefault("LOCAL_RANK", "0")  # DeepSpeed reads it (RANK / WORLD_SIZE stay unset: not "launched")
             config = copy.deepcopy(deepspeed_config)
             config |= {"train_micro_batch_size_per_gpu": micro_batch_size, "gradient_accumulation_steps": 1,
                        "train_batch_size": micro_batch_size * world_size(), "gradient_clipping": max_grad_norm}

@@ -423,6 +423,9 @@ def verdict(strategies: dict, finals: dict[str, list[float]]) -> str:
         return "Only one strategy: nothing to compare."
     ranked = sorted(strategies, key=lambda a: -strategies[a]["final_test"][0])
     top = ranked[0]
+    if all(finals[a] == finals[top] for a in ranked):
+        return (f"Every strategy ends every seed at the same final test accuracy ({_pct(strategies[top]['final_test'])}): "
+                "nothing separates them at this budget.")
     if any(len(finals[a]) < 2 for a in ranked):
         return (f"{top} has the highest mean final test accuracy, but a strategy with a single seed has no confidence "
                 "interval: these runs cannot tell the strategies apart. Run at least 3 seeds per strategy.")
@@ -723,6 +726,13 @@ def write_leaderboard(runs: list[Run], out: Path, command: str = "", baseline: s
     md += ["## Plots", ""]
     for p in plots:
         md += [f"![{p}](plots/{p}.png)", f"([SVG](plots/{p}.svg))", ""]
+    # `rlzoo audit` (rlzoo/audit.py) writes OUT/audit/ by default; its section joins the page when present.
+    audit_sections = None
+    if (out / "audit" / "audit.json").is_file():
+        from rlzoo.audit import leaderboard_sections
+
+        audit_sections = leaderboard_sections(out / "audit")
+        md += [audit_sections[0]]
     md += ["## Runs", "", _md_table(["run", "strategy", "seed", "status"],
                                     [[os.path.relpath(r["path"], out.resolve()), r["algo"], str(r["seed"]), r["status"]] for r in res["runs"]]), ""]
     md += ["## Provenance", "", "```", *prov_lines, "```", "",
@@ -737,7 +747,8 @@ def write_leaderboard(runs: list[Run], out: Path, command: str = "", baseline: s
         body += ["<h3>Caveats</h3><ul>" + "".join(f"<li>{html.escape(w)}</li>" for w in res["warnings"]) + "</ul>"]
     for name, note, hdr, rows_ in tabs:
         body += [f"<h2>{html.escape(name)}</h2>", f"<p>{html.escape(note)}</p>", _html_table(hdr, rows_)]
-    body += ["<h2>Plots</h2>", imgs, "<h2>Provenance</h2>", f"<pre>{html.escape(chr(10).join(prov_lines))}</pre>"]
+    body += ["<h2>Plots</h2>", imgs] + ([audit_sections[1]] if audit_sections else [])
+    body += ["<h2>Provenance</h2>", f"<pre>{html.escape(chr(10).join(prov_lines))}</pre>"]
     style = ("body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}"
              "table{border-collapse:collapse;margin:0.5em 0 1.5em}td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}"
              "td:first-child,th:first-child{text-align:left}th{background:#f4f4f4}figure{display:inline-block;margin:0.5em}"

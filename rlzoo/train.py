@@ -161,7 +161,7 @@ def save_checkpoint(run_dir: Path, state: dict, trained: dict, tokenizer, estima
     distributed.barrier()
     if distributed.is_main():
         tokenizer.save_pretrained(tmp / "policy")
-        torch.save({**state, "estimator": estimator.state_dict()}, tmp / "state.pt")
+        torch.save({**state, "estimator": estimator.state_dict(), "processes": distributed.world_size()}, tmp / "state.pt")
         shutil.rmtree(root / name, ignore_errors=True)
         os.replace(tmp, root / name)
         (root / "latest.tmp").write_text(name)
@@ -223,7 +223,8 @@ def train(run_dir: str | Path, cfg: TrainConfig | None = None, command: str = ""
     torch.manual_seed(cfg.seed)
 
     identity = {"algo": cfg.algo, "task": cfg.task, "model": cfg.model, "seed": cfg.seed, "config": asdict(cfg) | {"ppo": asdict(ppo_cfg)}}
-    if len(set(distributed.gather_objects(json.dumps(identity, sort_keys=True, default=str)))) > 1:
+    identity = json.loads(json.dumps(identity))  # as run.json holds it (tuples become lists), so a resume compares equal
+    if len(set(distributed.gather_objects(json.dumps(identity, sort_keys=True)))) > 1:
         raise UserError("the processes of this launch were given different configs; launch every rank with the same command")
     previous = runs.read_run(run_dir)
     if previous and any(previous.get(k) != v for k, v in identity.items()):
@@ -259,11 +260,14 @@ def train(run_dir: str | Path, cfg: TrainConfig | None = None, command: str = ""
     state = {"iteration": 0, "episodes": 0, "train_seconds": 0.0, "tokens": {}}
     checkpoint = latest_checkpoint(run_dir)
     if checkpoint is not None:
+        saved = torch.load(checkpoint / "state.pt", weights_only=False)
+        if deepspeed_config is not None and saved.get("processes", 1) != distributed.world_size():
+            raise UserError(f"{checkpoint} was written by {saved.get('processes', 1)} process(es), each holding its part of "
+                            f"DeepSpeed's optimizer state; resume it with {saved.get('processes', 1)}, not {distributed.world_size()}")
         for name, module in ctx.trained.items():  # weights, optimizer and schedule of the policy and any critic
             module.load(checkpoint, name)
         with ctx.sampling_weights():
             engine.sync_weights(policy)
-        saved = torch.load(checkpoint / "state.pt", weights_only=False)
         estimator.load_state_dict(saved["estimator"])
         state = {k: saved[k] for k in state}
         ctx.tokens.update(state["tokens"])
@@ -314,7 +318,8 @@ def train(run_dir: str | Path, cfg: TrainConfig | None = None, command: str = ""
                                   max_new_tokens=max_new_tokens, seed=derive_seed(cfg.seed, state["iteration"], 29),
                                   first_index=mine.start)
             result = merge_eval(distributed.gather_objects({k: v for k, v in result.items() if k != "problems"}))
-            record |= {f"eval/{split}/{k}": v for k, v in result.items() if isinstance(v, (int, float))}
+            record |= {f"eval/{split}/{k}": v for k, v in result.items()
+                       if k.startswith(("pass@", "maj@")) or k in ("mean_response_tokens", "truncated", "n_problems")}
         record["time/eval"] = time.perf_counter() - t0
         log(record)
 

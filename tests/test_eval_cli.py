@@ -10,7 +10,7 @@ import pytest
 from rlzoo.cli import main
 from rlzoo.engine.torch_engine import TorchEngine
 from rlzoo.evaluate import evaluate
-from rlzoo.policy import PRESETS, load_policy
+from rlzoo.policy import PRESETS, load_policy, preset_task_bindings
 from rlzoo.tasks import get_task
 
 TINY_TASK = {k: v for k, v in PRESETS["tiny"]["task_kwargs"].items() if k != "train_size"}  # the arith it learned
@@ -38,7 +38,7 @@ def test_evaluate_greedy_single_sample_majority_equals_pass1(tiny_policy_path):
 
 def test_eval_cli_writes_pass1_and_majority(tiny_policy_path, tmp_path, capsys):
     out = tmp_path / "eval.json"
-    bindings = [f"--set=arith.{k}={v}" for k, v in TINY_TASK.items()]
+    bindings = [f"--set={b}" for b in preset_task_bindings("tiny")]
     code, stdout, _ = run_cli(
         capsys, "eval", "--model", str(tiny_policy_path), "--task", "arith", "--split", "test",
         "--samples", "4", "--temperature", "0.6", "--limit", "16", "--out", str(out), *bindings,

@@ -16,15 +16,16 @@ from safetensors.torch import load_file
 from rlzoo import runs
 from rlzoo.algorithms import ESTIMATORS
 from rlzoo.cli import main
+from conftest import TINY_ARITH
 
 CONFIGURABLE = {"ppo": "value_ppo"}  # estimator name -> its gin name, where they differ
 
 # Small and fast: 4 prompts x 2 samples, one optimizer step per epoch, tiny evaluation sets.
 SMALL = [
-    "train.prompts_per_iteration = 4", "train.lr = 1e-3", "train.eval_every = 100", "train.eval_samples = 2",
+    "train.prompts_per_iteration = 8", "train.lr = 1e-3", "train.eval_every = 100", "train.eval_samples = 2",
     "train.eval_train_problems = 4", "train.eval_test_problems = 4", "train.checkpoint_every = 1",
     "ppo.epochs = 1", "ppo.minibatches = 1", "vineppo.k = 2", "arith.test_size = 20", "arith.ood_test_size = 20",
-]
+] + TINY_ARITH
 
 
 def _group_size(algo, n):
@@ -44,7 +45,7 @@ def _train(run_dir, algo, model, bindings, budget="iterations=2"):
 
 @pytest.mark.parametrize("algo", ESTIMATORS.names())
 def test_every_strategy_runs_and_changes_the_policy(algo, tiny_policy_path, tmp_path):
-    assert _train(tmp_path, algo, tiny_policy_path, SMALL + [_group_size(algo, 2)]) == 0
+    assert _train(tmp_path, algo, tiny_policy_path, SMALL + [_group_size(algo, 4)]) == 0
     before = load_file(tiny_policy_path / "model.safetensors")
     after = load_file(tmp_path / "checkpoints" / "iter_000002" / "policy" / "model.safetensors")
     assert any(not torch.equal(before[k], after[k]) for k in before)
@@ -68,7 +69,7 @@ def test_grpo_raises_train_reward_on_a_fixed_pool(tiny_policy_path, tmp_path):
     bindings = ["arith.train_size = 32", "train.prompts_per_iteration = 16", "grpo.group_size = 8", "train.lr = 1e-4",
                 "train.warmup_ratio = 0.1", "train.eval_every = 12", "train.eval_samples = 8", "train.eval_train_problems = 32",
                 "train.eval_test_problems = 32", "train.checkpoint_every = 100", "ppo.minibatches = 2",
-                "arith.test_size = 32", "arith.ood_test_size = 32"]
+                "arith.test_size = 32", "arith.ood_test_size = 32"] + TINY_ARITH
     assert _train(tmp_path, "grpo", tiny_policy_path, bindings, budget="iterations=24") == 0
     evals = [r for r in runs.read_jsonl(tmp_path / "metrics.jsonl") if r["kind"] == "eval"]
     first, last = evals[0]["eval/train/pass@1"], evals[-1]["eval/train/pass@1"]

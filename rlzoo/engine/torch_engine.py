@@ -179,6 +179,11 @@ class TorchEngine:
                 raise UserError(f"prompt {i} is empty; every prompt needs at least one token (e.g. BOS)")
             if min(p) < 0 or max(p) >= vocab:
                 raise UserError(f"prompt {i} has a token id outside the model's vocabulary [0, {vocab})")
+        limit = getattr(self.model.config.get_text_config(), "max_position_embeddings", None)
+        longest = max(map(len, prompts), default=0)
+        if limit is not None and longest + params.max_new_tokens > limit:
+            raise UserError(f"a prompt of {longest} tokens + max_new_tokens {params.max_new_tokens} exceeds the model's "
+                            f"context of {limit} positions; lower max_new_tokens or shorten the prompt")
         started = time.perf_counter()
 
         # Requests: one row per (prompt, sample), pointing at a unique prompt. Greedy rows are all alike,
@@ -239,10 +244,6 @@ class TorchEngine:
         forward = self._model_call()
         num_prompts, width = len(prompts), max(map(len, prompts))
         max_new = params.max_new_tokens
-        limit = getattr(self.model.config.get_text_config(), "max_position_embeddings", None)
-        if limit is not None and width + max_new > limit:
-            raise UserError(f"prompt of {width} tokens + max_new_tokens {max_new} exceeds the model's context of "
-                            f"{limit} positions; lower max_new_tokens or shorten the prompt")
 
         # Prefill the unique prompts, left-padded: every prompt ends at column width - 1.
         input_ids = torch.full((num_prompts, width), self.pad_token_id, dtype=torch.long)  # [U, W]

@@ -1,0 +1,308 @@
+"""The credit audit: the ground truth on a toy whose state values are known exactly, the metrics against
+hand-computed values (ties included), a smoke audit on the tiny built-in policy, and one-line errors."""
+
+import json
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from rlzoo.audit import (
+    AuditConfig,
+    absolute_errors,
+    audit,
+    binomial_se,
+    bootstrap_ci,
+    critic_values,
+    html_section,
+    load_critic,
+    mc_values,
+    pairwise_ranking,
+    sign_agreement,
+)
+from rlzoo.cli import main
+from rlzoo.engine import Completion, EngineStats, SamplingParams
+from rlzoo.policy import build_char_tokenizer
+from rlzoo.rollout import EstimatorContext
+from rlzoo.runs import write_run
+from rlzoo.tasks import Problem, Task
+
+# ----------------------------------------------------------------------------- a toy with known values
+
+P_GOOD = [0.9, 0.6, 0.3]  # probability that step t is correct; the answer is right iff every step is
+
+
+class StepTask(Task):
+    """Responses are 3 lines, each "g" (a correct step) or "b"; reward 1 iff all are "g"."""
+
+    name = "toy-steps"
+    max_new_tokens = 6
+
+    def prompt(self, problem):
+        return problem.question
+
+    def score(self, problems, completions):
+        return [float(c == "g\ng\ng\n") for c in completions]
+
+    def split_steps(self, completion):
+        return list(range(0, len(completion), 2)) if completion else []
+
+
+class KnownPolicyEngine:
+    """Continues any prefix line by line, "g" with probability P_GOOD[step], behind the engine interface."""
+
+    def __init__(self, tokenizer, prompt_len):
+        self.tokenizer, self.prompt_len, self.stats = tokenizer, prompt_len, EngineStats()
+
+    def generate(self, prompts, params):
+        rng = random.Random(params.seed)
+        out = []
+        for prompt in prompts:
+            done = (len(prompt) - self.prompt_len) // 2
+            group = []
+            for _ in range(params.n):
+                text = "".join("g\n" if rng.random() < P_GOOD[t] else "b\n" for t in range(done, 3))
+                ids = self.tokenizer(text, add_special_tokens=False)["input_ids"] + [self.tokenizer.eos_token_id]
+                group.append(Completion(ids, text, "stop"))
+                self.stats.tokens_generated += len(ids)
+            out.append(group)
+        return out
+
+
+def true_value(response_prefix: str) -> float:
+    """V(prompt + prefix): 0 after any "b", else the product of the remaining steps' success probabilities."""
+    steps = response_prefix.splitlines()
+    return 0.0 if "b" in steps else float(np.prod(P_GOOD[len(steps):]))
+
+
+def toy():
+    tokenizer = build_char_tokenizer("gb\nQ0123456789")
+    prompt_len = len(tokenizer("Q0")["input_ids"])  # every prompt is "Q" and a digit
+    return tokenizer, StepTask(), KnownPolicyEngine(tokenizer, prompt_len), prompt_len
+
+
+def test_ground_truth_lands_within_its_standard_error_on_known_values():
+    tokenizer, task, engine, prompt_len = toy()
+    prefixes = ["", "g\n", "g\ng\n", "b\n", "g\nb\n"]
+    states = [tokenizer("Q0" + p)["input_ids"] for p in prefixes]
+    problem = Problem("toy/0", "Q0", "")
+    n, z_scores = 256, []
+    for seed in range(20):
+        ctx = EstimatorContext(policy=None, tokenizer=tokenizer, engine=engine, task=task, sampling=SamplingParams(),
+                               model_path="", device=torch.device("cpu"), seed=seed)
+        values = mc_values(ctx, states, [problem] * len(states), [prompt_len] * len(states),
+                           SamplingParams(n=n, max_new_tokens=6, seed=seed), purpose="truth").numpy()
+        se = binomial_se(values, n)
+        for prefix, v, s in zip(prefixes, values, se):
+            exact = true_value(prefix)
+            assert abs(v - exact) <= 4 * (exact * (1 - exact) / n) ** 0.5 + 1e-12, (prefix, v, exact)
+            if 0 < exact < 1:
+                z_scores.append((v - exact) / s)
+        assert ctx.tokens["truth"] > 0
+    # the reported standard error is the spread it claims: about 95% within 2 SE, z-scores of unit spread
+    z = np.array(z_scores)
+    assert np.mean(np.abs(z) <= 2) >= 0.85 and 0.75 <= z.std() <= 1.3, (np.mean(np.abs(z) <= 2), z.std())
+
+
+def toy_audit() -> dict:
+    """The audit of vineppo, grpo and rloo on the toy: 6 problems x 4 responses, 256 truth samples."""
+    import gin
+
+    from rlzoo.config import apply_gin
+
+    tokenizer, task, engine, _ = toy()
+    problems = [Problem(f"toy/{i}", f"Q{i}", "") for i in range(6)]
+    cfg = AuditConfig(algos=("vineppo", "grpo", "rloo"), problems=6, truth_samples=256, alternatives=4, k=4, resamples=200)
+    apply_gin([], ["vineppo.group_size = 4", "grpo.group_size = 4", "rloo.group_size = 4"])
+    try:
+        return audit(None, tokenizer, engine, task, problems, cfg)
+    finally:
+        gin.clear_config()
+
+
+def test_toy_audit_end_to_end_against_known_values():
+    result = toy_audit()
+    per_state = result["per_state"]
+    assert result["responses"]["responses"] == 24 and len(per_state["truth"]) == 3 * 24  # 3 steps per response
+    # every state's truth within 4 standard errors of its exact value; true advantages are its differences
+    for i, (truth, row, step) in enumerate(zip(per_state["truth"], per_state["response"], per_state["step"])):
+        text = result["response_texts"][row]
+        exact = true_value(text[: 2 * step])
+        assert abs(truth - exact) <= 4 * (exact * (1 - exact) / 256) ** 0.5 + 1e-12, (text, step, truth, exact)
+        following = per_state["truth"][i + 1] if step < 2 else float(text == "g\ng\ng\n")
+        assert per_state["true_advantage"][i] == pytest.approx(following - truth)
+    # group baselines value all alternatives of a state alike: every non-tied pair is a predicted tie
+    assert result["ranking"]["pairs_not_tied_in_truth"] > 0
+    for name in ("grpo", "rloo"):
+        assert result["strategies"][name]["ranking_accuracy"]["mean"] == 0.5
+        assert set(per_state[f"{name}/value"][:3]) == {per_state[f"{name}/value"][0]}  # one value per response
+    # VinePPO's MC values are an estimate of the same thing: its error is bounded, its compute counted
+    vine = result["strategies"]["vineppo"]
+    assert vine["k"] == 4 and vine["compute"]["tokens_generated"] > 0 and 0 <= vine["value_mae"]["mean"] < 0.35
+    assert set(vine["mae_by_step"]) == {"0", "1", "2"}
+    for metric in ("value_mae", "sign_agreement", "ranking_accuracy"):
+        m = vine[metric]
+        assert m["ci"][0] <= m["mean"] <= m["ci"][1]
+
+
+def test_the_report_joins_the_leaderboard_page(tmp_path):
+    from test_leaderboard import write_run_folder
+
+    from rlzoo.audit import write_report
+    from rlzoo.leaderboard import find_runs, write_leaderboard
+
+    board = tmp_path / "leaderboard"
+    write_report(toy_audit(), board / "audit")
+    for plot in ("mae_by_step", "ranking_accuracy"):
+        assert (board / "audit" / f"{plot}.png").stat().st_size > 0 and (board / "audit" / f"{plot}.svg").stat().st_size > 0
+    md = (board / "audit" / "audit.md").read_text()
+    assert "| vineppo (K=4) |" in md and "| grpo |" in md and "![mae_by_step](mae_by_step.png)" in md
+    assert json.loads((board / "audit" / "audit.json").read_text())["strategies"]["grpo"]["ranking_accuracy"]["mean"] == 0.5
+
+    for algo in ("ppo", "grpo"):
+        write_run_folder(tmp_path / "runs" / algo, algo, 0, {0: (0.4, 0.4), 5: (0.6, 0.5)})
+    write_leaderboard(find_runs([tmp_path / "runs"]), board)
+    page, readme = (board / "index.html").read_text(), (board / "README.md").read_text()
+    assert "Credit audit" in page and page.count("data:image/png;base64") == 4 + 2  # the leaderboard's plots and the audit's
+    assert "Credit audit" in readme and "(audit/mae_by_step.png)" in readme
+
+
+# ----------------------------------------------------------------------------- metrics by hand
+
+
+def test_value_mae_by_hand():
+    errors = absolute_errors([0.5, 0.2, 1.0, 0.0], [0.25, 0.2, 0.5, 0.5])
+    assert errors.tolist() == [0.25, 0.0, 0.5, 0.5]
+    assert bootstrap_ci(errors, [0, 0, 1, 1])["mean"] == pytest.approx(0.3125)
+
+
+def test_sign_agreement_by_hand_with_ties():
+    predicted = [0.3, -0.1, 0.0, 0.2, 0.5]
+    truth = [0.1, 0.2, -0.4, 0.0, 0.3]  # step 3 has no true sign: skipped
+    scores, kept = sign_agreement(predicted, truth)
+    assert scores.tolist() == [1.0, 0.0, 0.5, 1.0] and kept.tolist() == [True, True, True, False, True]
+    assert scores.mean() == 0.625
+
+
+def test_pairwise_ranking_by_hand_with_ties():
+    predicted = [0.7, 0.7, 0.1, 0.4]
+    truth = [0.9, 0.5, 0.5, 0.2]
+    # (0,1) predicted tie 0.5; (0,2) 1; (0,3) 1; (1,2) tied in truth: skipped; (1,3) 1; (2,3) reversed 0
+    assert pairwise_ranking(predicted, truth) == [0.5, 1.0, 1.0, 1.0, 0.0]
+    assert pairwise_ranking([0.3, 0.3, 0.3], [0.9, 0.5, 0.1]) == [0.5, 0.5, 0.5]  # a constant predictor is chance
+    assert pairwise_ranking([1.0, 0.0], [0.4, 0.4]) == []
+
+
+def test_bootstrap_resamples_whole_problems():
+    scores, clusters = [1.0, 1.0, 1.0, 0.0, 0.5, 0.5], [0, 0, 0, 1, 2, 2]
+    m = bootstrap_ci(scores, clusters, resamples=500, seed=3)
+    assert m["mean"] == pytest.approx(4 / 6) and m["n"] == 6 and m["clusters"] == 3
+    assert 0.0 <= m["ci"][0] < m["mean"] < m["ci"][1] <= 1.0
+    assert bootstrap_ci(scores, clusters, resamples=500, seed=3) == m  # seeded
+    assert bootstrap_ci([0.2, 0.2, 0.2], [0, 1, 2])["ci"] == [pytest.approx(0.2), pytest.approx(0.2)]
+    assert bootstrap_ci([0.2, 0.4], [7, 7])["ci"] == [None, None]  # one problem: no interval
+    assert bootstrap_ci([], [])["mean"] is None
+
+
+# ----------------------------------------------------------------------------- the command
+
+
+SMALL = ["train.prompts_per_iteration=2", "ppo.epochs=1", "ppo.minibatches=1", "value_ppo.critic_minibatches=1",
+         "value_ppo.group_size=2", "grpo.group_size=2", "rloo.group_size=2", "vineppo.group_size=2",
+         "arith.test_size=20", "arith.ood_test_size=20"]
+
+
+def _cli(*args):
+    try:
+        main([str(a) for a in args])
+    except SystemExit as e:
+        return e.code
+    return 0
+
+
+@pytest.mark.slow  # 6 s on an idle 2-core machine, about a minute when it is shared
+def test_smoke_audit_on_the_tiny_policy_writes_table_plots_and_json(tiny_policy_path, tmp_path):
+    out = tmp_path / "leaderboard" / "audit"
+    sets = [x for b in SMALL for x in ("--set", b)]
+    code = _cli("audit", "--policy", tiny_policy_path, "--problems", 2, "--truth-samples", 4, "--alternatives", 2, "--k", 2,
+                "--critic-iterations", 1, "--out", out, *sets)
+    assert code == 0
+    result = json.loads((out / "audit.json").read_text())
+    assert list(result["strategies"]) == ["ppo", "vineppo", "grpo", "rloo"]
+    for s in result["strategies"].values():
+        assert s["value_mae"]["n"] == result["responses"]["states"] and "0" in s["mae_by_step"]
+    assert result["critic"]["trained_here"] and result["strategies"]["ppo"]["compute"]["forward_passes"] == 4
+    for plot in ("mae_by_step", "ranking_accuracy"):
+        assert (out / f"{plot}.png").stat().st_size > 0 and (out / f"{plot}.svg").stat().st_size > 0
+    md = (out / "audit.md").read_text()
+    assert "| ppo |" in md and "value MAE" in md and "![mae_by_step](mae_by_step.png)" in md
+    assert "Credit audit" in html_section(out) and "data:image/png;base64" in html_section(out)
+
+    # the critic run it trained serves as --critic, and its policy as the default policy
+    again = tmp_path / "again"
+    assert _cli("audit", "--algos", "ppo", "--critic", out / "critic-ppo-1it", "--problems", 1, "--truth-samples", 2,
+                "--alternatives", 2, "--out", again, *sets) == 0
+    result = json.loads((again / "audit.json").read_text())
+    assert result["policy"] == str(out / "critic-ppo-1it") and result["critic"]["trained_here"] is False
+    assert "critic-ppo-1it/checkpoints/iter_000001/policy" in result["policy_loaded"]
+
+
+def test_critic_values_of_prefixes_equal_the_critics_values_inside_whole_rows(tiny_policy_path, tmp_path):
+    """ppo's value of a state read from a whole response row (the estimator) equals the critic's value of the
+    state alone (used for alternatives); and load_critic restores a saved critic exactly."""
+    from safetensors.torch import save_file
+
+    from rlzoo.algorithms.value_ppo import ValueModel
+
+    critic = ValueModel(str(tiny_policy_path))
+    torch.manual_seed(0)
+    torch.nn.init.normal_(critic.head.weight, std=0.5)
+    rows = [[1, 5, 6, 7, 8, 9, 10], [1, 6, 6, 9]]
+    ids = torch.zeros(2, 7, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for b, r in enumerate(rows):
+        ids[b, : len(r)], mask[b, : len(r)] = torch.tensor(r), 1
+    with torch.no_grad():
+        whole = critic(ids, mask)  # [2, 7]: whole[b, i] = V(rows[b][:i])
+    prefixes = [(b, i) for b, r in enumerate(rows) for i in range(1, len(r))]
+    alone = critic_values(critic, [rows[b][:i] for b, i in prefixes], "cpu", batch_size=3)
+    assert torch.allclose(alone, torch.stack([whole[b, i] for b, i in prefixes]), atol=1e-5)
+
+    checkpoint = tmp_path / "iter_000001"
+    (checkpoint / "policy").mkdir(parents=True)
+    for f in tiny_policy_path.iterdir():
+        (checkpoint / "policy" / f.name).write_bytes(f.read_bytes())
+    save_file({k: v.contiguous() for k, v in critic.state_dict().items()}, str(checkpoint / "critic.safetensors"))
+    loaded = load_critic(checkpoint, "cpu")
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), critic.state_dict().values()))
+
+
+def _run_folder(path, algo, task):
+    path.mkdir(parents=True)
+    write_run(path, {"format": 1, "algo": algo, "task": task, "model": "default", "seed": 0, "status": "finished"})
+    return path
+
+
+@pytest.mark.parametrize("args, says", [
+    (["--algos", "ppo", "--critic-iterations", "0"], "needs a critic"),
+    (["--alternatives", "0"], "--alternatives 0"),
+    (["--alternatives", "1"], "at least 2"),
+    (["--truth-samples", "1"], "--truth-samples 1"),
+    (["--algos", "vinepo"], "known: "),
+    (["--algos", "remax"], "cannot audit 'remax'"),
+    (["--algos", "grpo", "--policy", "{tiny}", "--task", "gsm8k"], "trained on task 'arith', not 'gsm8k'"),
+    (["--algos", "grpo", "--task", "gsm8k"], "trained on task 'arith', not 'gsm8k'"),  # the built-in default
+    (["--algos", "grpo", "--policy", "{gsm8k_run}"], "run on task 'gsm8k', not 'arith'"),
+    (["--critic", "{gsm8k_run}"], "run on task 'gsm8k', not 'arith'"),
+    (["--critic", "{grpo_run}"], "has no critic"),
+    (["--critic", "{tiny}"], "not a run folder"),
+])
+def test_bad_input_is_one_line_and_exit_2(args, says, tiny_policy_path, tmp_path, capsys):
+    paths = {"tiny": tiny_policy_path, "gsm8k_run": _run_folder(tmp_path / "g", "ppo", "gsm8k"),
+             "grpo_run": _run_folder(tmp_path / "r", "grpo", "arith")}
+    out = tmp_path / "audit"
+    code = _cli("audit", *[a.format(**paths) for a in args], "--out", out)
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("rlzoo: error: ") and says in err and err.count("\n") == 1, err
+    assert not out.exists()
