@@ -7,7 +7,11 @@ The contract, one signature for all::
 
 and three declared needs that the training loop reads without knowing the strategy's name:
 ``group_size`` (samples per prompt), ``critic`` (a module it owns and trains, or None) and whether
-it draws extra rollouts (it then uses ``ctx.values_by_rollouts``). Register with
+it draws extra rollouts (it then uses ``ctx.values_by_rollouts``). A critic is made trainable with
+``ctx.prepare(name, module, lr=...)``, which returns a ``distributed.Trained`` (one process, DDP or
+DeepSpeed, as the run is launched) that the loop checkpoints. Under data parallelism every rank
+holds the whole (global) batch: estimators compute on it as in one process, and only their heavy
+parts are split (``values_by_rollouts``; a critic's forward and update, see ``value_ppo``). Register with
 ``@ESTIMATORS.register("name")`` (built-ins) or the ``rlzoo.estimators`` entry-point group
 (third-party packages: ``name = "package.module:EstimatorClass"``).
 """

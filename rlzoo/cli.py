@@ -92,13 +92,14 @@ def pretrain(
 ) -> None:
     """Build the built-in default policy by SFT (cached: built once per config)."""
     from rlzoo.config import apply_gin
-    from rlzoo.policy import describe_policy, pretrain as build, pretrain_config
+    from rlzoo.policy import describe_policy, policy_folder, pretrain as build, pretrain_config
 
     apply_gin(config, set_)
     cfg = pretrain_config(preset, task=task)
+    cached = (policy_folder(cfg) / "pretrain.json").is_file() and not force
     folder = build(cfg, force=force)
     info = describe_policy(folder)
-    print(f"policy: {folder}")
+    print(f"policy: {folder}{' (cached)' if cached else ''}")
     print(f"{info['params'] / 1e6:.2f}M parameters, built in {info['seconds']:.0f}s, final SFT loss {info['final_loss']:.3f}")
 
 

@@ -107,14 +107,15 @@ def load_policy(name_or_path: str, device: str | torch.device = "cpu", dtype: st
         dtype = getattr(torch, dtype)
     try:
         tokenizer = AutoTokenizer.from_pretrained(source)
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype or "auto")
     except (OSError, ValueError, KeyError) as e:
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise UserError(f"cannot load model {name_or_path!r} (not a local model folder, and not loadable from the Hugging Face hub: {reason})") from None
+        where = "model folder" if Path(source).is_dir() else "model (not a local folder, and not loadable from the Hugging Face hub)"
+        raise UserError(f"cannot load {where} {name_or_path!r}: {reason}") from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"
-    if model.config.pad_token_id is None:
+    if getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     return model.to(device).eval(), tokenizer
 

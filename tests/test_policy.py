@@ -55,6 +55,8 @@ def test_saved_policy_reloads_with_identical_logits(tmp_path):
         expected = model(**batch).logits
         actual = loaded(**batch).logits
     torch.testing.assert_close(actual, expected, rtol=0, atol=0)
+    half, _ = load_policy(str(tmp_path), dtype="bfloat16")
+    assert next(half.parameters()).dtype == torch.bfloat16 and next(loaded.parameters()).dtype == torch.float32
 
 
 def test_pretrain_is_cached_by_config(tmp_path):
@@ -119,3 +121,9 @@ def test_load_policy_rejects_a_folder_without_a_model(tmp_path):
     with pytest.raises(UserError, match="no config.json"):
         load_policy(str(tmp_path))
     assert os.listdir(tmp_path) == []
+    (tmp_path / "config.json").write_text("{}")  # no model_type: transformers cannot tell what it is
+    with pytest.raises(UserError, match="cannot load model folder") as info:
+        load_policy(str(tmp_path))
+    assert "\n" not in str(info.value)
+    with pytest.raises(UserError, match="unknown dtype"):
+        load_policy(str(tmp_path), dtype="float99")
