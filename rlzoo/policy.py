@@ -147,10 +147,12 @@ class PretrainConfig:
 
 # Presets: field values under the gin bindings (a binding of pretrain.X beats the preset's X).
 PRESETS: dict[str, dict] = {
+    # Measured: 0.86M parameters, 800 steps at ~0.2 s (2 idle cores; ~0.5 s on one thread of a busy machine),
+    # arith test accuracy 52% greedy, 49% at T = 0.35, 46% at T = 0.6 (train pool alike; ood_test ~2%).
     "default": {},
     # Builds in well under a minute, on an easier arith (1-2 operations, operands 1-9), so that its sampled accuracy
     # is clearly above 0 and far from 1: RL tests can show reward rising. Measured: 0.11M parameters, 600 steps in
-    # ~45 s on a busy 2-core machine, test accuracy 41% greedy / 41% at T = 0.35 / 39% at T = 0.6.
+    # 19 s (one thread, busy 2-core machine); test accuracy 49% greedy, 48% at T = 0.35, 46% at T = 0.6.
     # Evaluate or train it on the arith it learned: bind ``preset_task_bindings("tiny")`` (tests/conftest.py does).
     "tiny": dict(
         task_kwargs={"max_ops": 2, "ood_max_ops": 3, "max_operand": 9},
@@ -315,7 +317,10 @@ def pretrain(cfg: PretrainConfig, home: Path | None = None, force: bool = False,
         "train_pairs": len(pairs),
     }
     (building / "pretrain.json").write_text(json.dumps(info, indent=2) + "\n")  # written last: marks it complete
-    if folder.exists():  # --force, or a concurrent build finished first: the newest build wins
+    if folder.exists() and not force:  # a concurrent build finished first: keep it (another process may be reading it)
+        shutil.rmtree(building, ignore_errors=True)
+        return folder
+    if folder.exists():  # --force: move the old build aside, then drop it
         stale = Path(tempfile.mkdtemp(prefix=f".{folder.name}-stale-", dir=folder.parent))
         os.replace(folder, stale / "old")
         shutil.rmtree(stale, ignore_errors=True)

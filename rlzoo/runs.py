@@ -14,10 +14,13 @@ A run folder holds one training run (one strategy, one task, one seed)::
 Every metrics record has ``"kind"`` ("train" or "eval"), ``"iteration"`` (0-based count of updates
 done), ``"episodes"`` (responses trained on so far), ``"time/train_total"`` (seconds of training so
 far, evaluation excluded: the wall-clock that comparisons use). Train records add
-``reward/mean``, ``time/<stage>`` (generation, mc, logprobs, critic, update, ...), ``tokens/policy``,
-``tokens/mc``, ``kl/ref``, ``memory/peak_rss_mb`` ...; eval records add ``eval/<split>/pass@1`` and
-``eval/<split>/maj@<k>`` for ``split`` in ``train`` (a fixed subset of the train split) and the task's
-eval splits (``test``, and ``ood_test`` for arith).
+``reward/mean``; ``time/<stage>``: seconds of this iteration per stage (generation, reward, logprobs,
+mc, baseline, advantages, critic, update) and ``time/iteration`` their total; ``tokens/<purpose>``:
+tokens generated so far (cumulative) by purpose (policy, mc, baseline) and ``tokens_iter/<purpose>``
+this iteration's; ``kl/ref``, ``ppo/*``, ``loss/*``, ``credit/*``, ``memory/peak_rss_mb`` ... Eval records
+add ``eval/<split>/pass@1``, ``eval/<split>/maj@<k>``, ``mean_response_tokens``, ``truncated`` and
+``n_problems`` for ``split`` in ``train`` (a fixed subset of the train split) and the task's eval splits
+(``test``, and ``ood_test`` for arith), and ``time/eval``.
 """
 
 from __future__ import annotations
