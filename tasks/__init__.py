@@ -50,20 +50,27 @@ class Task:
     def problems(self, split: str) -> list[Problem]:
         raise NotImplementedError
 
+    prompt_template: str = "{question}"  # the model's input; {question} is the problem text
+    target_template: str = "{solution}"  # the SFT target; {solution} is the worked solution
+
     def prompt(self, problem: Problem) -> str:
         """The text the model continues."""
-        raise NotImplementedError
+        return self.prompt_template.format(question=problem.question)
 
     def target(self, problem: Problem) -> str:
         """The SFT target completion for ``problem`` (its worked solution with the answer line)."""
-        raise NotImplementedError
+        return self.target_template.format(solution=problem.solution)
 
     def extract_answer(self, completion: str) -> str | None:
         """The final answer a completion commits to (for majority voting), or None."""
         raise NotImplementedError
 
     def score(self, problems: list[Problem], completions: list[str]) -> list[float]:
-        raise NotImplementedError
+        """1.0 where the extracted answer equals the gold one by math-verify (in worker processes), else 0.0."""
+        from rlzoo.grading import grade_answers
+
+        answers = [self.extract_answer(c) or "" for c in completions]
+        return grade_answers([(p.answer, a) for p, a in zip(problems, answers)])
 
     def split_steps(self, completion: str) -> list[int]:
         raise NotImplementedError

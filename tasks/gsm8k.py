@@ -20,7 +20,6 @@ import re
 import gin
 
 from rlzoo.errors import UserError
-from rlzoo.grading import grade_answers
 from rlzoo.tasks import TASKS, Problem, Task
 from rlzoo.tasks.loading import DATA_DIR, load_rows, resolve_source, row_error
 
@@ -71,21 +70,11 @@ class GSM8K(Task):
             self._splits[split] = problems
         return self._splits[split]
 
-    def prompt(self, problem: Problem) -> str:
-        return self.prompt_template.format(question=problem.question)
-
-    def target(self, problem: Problem) -> str:
-        return self.target_template.format(solution=problem.solution)
-
     def extract_answer(self, completion: str) -> str | None:
         if "####" not in completion:
             return None
         answer = completion.rpartition("####")[2].split("\n", 1)[0].replace(",", "").strip()
         return answer or None
-
-    def score(self, problems: list[Problem], completions: list[str]) -> list[float]:
-        answers = [self.extract_answer(c) or "" for c in completions]
-        return grade_answers([(p.answer, a) for p, a in zip(problems, answers)])
 
     def split_steps(self, completion: str) -> list[int]:
         if not completion:

@@ -31,7 +31,6 @@ import re
 import gin
 
 from rlzoo.errors import UserError
-from rlzoo.grading import grade_answers
 from rlzoo.tasks import TASKS, Problem, Task
 from rlzoo.tasks.loading import DATA_DIR, load_rows, resolve_source
 
@@ -162,19 +161,9 @@ class MATH(Task):
             self._splits[split] = problems
         return self._splits[split]
 
-    def prompt(self, problem: Problem) -> str:
-        return self.prompt_template.format(question=problem.question)
-
-    def target(self, problem: Problem) -> str:
-        return self.target_template.format(solution=problem.solution)
-
     def extract_answer(self, completion: str) -> str | None:
         answer = last_boxed(completion)
         return answer.strip() if answer and answer.strip() else None
-
-    def score(self, problems: list[Problem], completions: list[str]) -> list[float]:
-        answers = [self.extract_answer(c) or "" for c in completions]
-        return grade_answers([(p.answer, a) for p, a in zip(problems, answers)])
 
     def split_steps(self, completion: str) -> list[int]:
         return split_math_steps(completion)
