@@ -5,7 +5,8 @@ iteration by stage and the speed-up over one process.
     python benchmarks/scaling_bench.py                          # grpo, quick.gin, 1 vs 2 processes, 4 iterations
     python benchmarks/scaling_bench.py --algos vineppo,grpo --model default --iterations 6 --processes 2
 
-Every run is timed from its own metrics (``time/iteration``: the slowest rank's; evaluation excluded),
+One process runs with all cores' threads and with the per-process share (OMP_NUM_THREADS = cores /
+processes, as torchrun gives each rank). Every run is timed from its own metrics (``time/iteration``: the slowest rank's; evaluation excluded),
 skipping the first iteration (warm-up). On a shared machine run it alone: other load skews the ratios.
 """
 
@@ -27,7 +28,8 @@ ROOT = Path(__file__).resolve().parents[1]
 STAGES = ("generation", "reward", "logprobs", "mc", "advantages", "critic", "update")
 
 
-def run(algo: str, model: str, processes: int, deepspeed: str | None, iterations: int, out: Path, extra: list[str]) -> list[dict]:
+def run(algo: str, model: str, processes: int, threads: int, deepspeed: str | None, iterations: int, out: Path,
+        extra: list[str]) -> list[dict]:
     train = ["rlzoo.cli", "train", "--algo", algo, "--task", "arith", "--model", model, "--out", str(out),
              "--config", str(ROOT / "benchmarks" / "quick.gin"), "--budget", f"iterations={iterations}",
              "--set", "train.eval_every=1000000", "--set", "train.checkpoint_every=1000000",
@@ -36,7 +38,7 @@ def run(algo: str, model: str, processes: int, deepspeed: str | None, iterations
         train += ["--deepspeed", deepspeed]
     launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes), "-m"]
                 if processes > 1 else [sys.executable, "-m"])
-    env = os.environ | {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // processes)))}
+    env = os.environ | {"OMP_NUM_THREADS": str(threads)}
     result = subprocess.run([*launcher, *train], capture_output=True, text=True, env=env, cwd=ROOT)
     if result.returncode != 0:
         sys.exit(f"{' '.join(train)} failed:\n{result.stdout[-2000:]}{result.stderr[-2000:]}")
@@ -54,21 +56,27 @@ def main() -> None:
     extra = [x for b in args.bindings for x in ("--set", b)]
     zero2 = str(ROOT / "benchmarks" / "deepspeed" / "zero2_cpu.json")
 
-    table = Table(title=f"seconds per iteration (mean of iterations 2..{args.iterations}), quick.gin, OMP threads = cores / processes")
-    for column in ("algo", "processes", "training", "iteration", *STAGES, "speed-up"):
+    cores = os.cpu_count() or 1
+    per_process = max(1, cores // args.processes)
+    table = Table(title=f"seconds per iteration (mean of iterations 2..{args.iterations}), quick.gin, {cores} cores; "
+                        "speed-up against the first row")
+    for column in ("algo", "processes", "threads each", "training", "iteration", *STAGES, "speed-up"):
         table.add_column(column, justify="right")
+    setups = ((1, cores, None, "one process"), (1, per_process, None, "one process"),
+              (args.processes, per_process, None, "DDP"), (args.processes, per_process, zero2, "DeepSpeed ZeRO-2"))
     with tempfile.TemporaryDirectory() as tmp:
         for algo in args.algos.split(","):
             base = None
-            for processes, deepspeed, label in ((1, None, "one process"), (args.processes, None, "DDP"),
-                                                (args.processes, zero2, "DeepSpeed ZeRO-2")):
-                records = run(algo, args.model, processes, deepspeed, args.iterations, Path(tmp) / f"{algo}-{processes}-{label}", extra)[1:]
+            for i, (processes, threads, deepspeed, label) in enumerate(setups):
+                if i == 1 and threads == cores:
+                    continue
+                records = run(algo, args.model, processes, threads, deepspeed, args.iterations, Path(tmp) / f"{algo}-{i}", extra)[1:]
                 per_iteration = statistics.mean(r["time/iteration"] for r in records)
                 base = base or per_iteration
                 stages = [statistics.mean(r.get(f"time/{s}", 0.0) for r in records) for s in STAGES]
-                table.add_row(algo, str(processes), label, f"{per_iteration:.2f}", *(f"{s:.2f}" for s in stages),
+                table.add_row(algo, str(processes), str(threads), label, f"{per_iteration:.2f}", *(f"{s:.2f}" for s in stages),
                               f"{base / per_iteration:.2f}x")
-    Console().print(table)
+    Console(width=200).print(table)
 
 
 if __name__ == "__main__":
