@@ -29,3 +29,12 @@ def tiny_policy_path() -> Path:
 
 # The arith knobs the tiny policy was pretrained on (rlzoo.policy.PRESETS["tiny"]): runs on it bind these.
 TINY_ARITH = preset_task_bindings("tiny")
+
+
+@pytest.fixture(autouse=True)
+def _fresh_gin():
+    """Gin bindings are process-global: each test starts from none, whatever the previous one bound."""
+    import gin
+
+    gin.clear_config()
+    yield
