@@ -1,0 +1,37 @@
+"""Every preset in benchmarks/ parses and builds its objects (the paper recipes are never run on CPU)."""
+
+from pathlib import Path
+
+import pytest
+
+from rlzoo.algorithms import ESTIMATORS, build_estimator
+from rlzoo.config import apply_gin
+from rlzoo.ppo import PPOConfig
+from rlzoo.tasks import get_task
+from rlzoo.train import TrainConfig
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+@pytest.mark.parametrize("preset", sorted(p.name for p in BENCHMARKS.glob("*.gin")))
+def test_preset_parses_and_builds(preset):
+    apply_gin([BENCHMARKS / preset])
+    cfg, ppo = TrainConfig(), PPOConfig()
+    assert cfg.prompts_per_iteration > 0 and ppo.epochs >= 1
+    group_sizes = {build_estimator(name).group_size for name in ESTIMATORS.names()}
+    assert len(group_sizes) == 1, f"{preset}: strategies sample different numbers per prompt: {group_sizes}"
+    for task in ("arith", "gsm8k", "math"):
+        get_task(task)
+    if getattr(cfg, "deepspeed_config", None):
+        assert (BENCHMARKS.parent / cfg.deepspeed_config).is_file()
+
+
+def test_paper_recipes_use_the_papers_hyperparameters():
+    apply_gin([BENCHMARKS / "paper_rho1b_math.gin"])
+    cfg, ppo, vine = TrainConfig(), PPOConfig(), build_estimator("vineppo")
+    assert (cfg.prompts_per_iteration, vine.group_size, vine.k) == (64, 8, 9)
+    assert (cfg.temperature, cfg.top_p, cfg.eval_samples, cfg.eval_temperature) == (0.6, 0.9, 16, 0.35)
+    assert (ppo.clip_eps, ppo.kl_mode, ppo.kl_coef, ppo.epochs, ppo.whiten_advantages) == (0.2, "k3-loss", 1e-4, 2, True)
+    assert (cfg.lr, cfg.warmup_ratio, cfg.engine) == (1e-6, 0.03, "vllm")
+    value = build_estimator("ppo")
+    assert (value.gamma, value.lam) == (1.0, 1.0)
