@@ -2,7 +2,6 @@
 hand-computed values (ties included), a smoke audit on the tiny built-in policy, and one-line errors."""
 
 import json
-import random
 
 import numpy as np
 import pytest
@@ -22,59 +21,14 @@ from rlzoo.audit import (
     sign_agreement,
 )
 from rlzoo.cli import main
-from rlzoo.engine import Completion, EngineStats, SamplingParams
+from rlzoo.engine import SamplingParams
 from rlzoo.policy import build_char_tokenizer
 from rlzoo.rollout import EstimatorContext
 from rlzoo.runs import write_run
 from rlzoo.tasks import Problem, Task
+from toy import P_GOOD, KnownPolicyEngine, StepTask, true_value
 
 # ----------------------------------------------------------------------------- a toy with known values
-
-P_GOOD = [0.9, 0.6, 0.3]  # probability that step t is correct; the answer is right iff every step is
-
-
-class StepTask(Task):
-    """Responses are 3 lines, each "g" (a correct step) or "b"; reward 1 iff all are "g"."""
-
-    name = "toy-steps"
-    max_new_tokens = 6
-
-    def prompt(self, problem):
-        return problem.question
-
-    def score(self, problems, completions):
-        return [float(c == "g\ng\ng\n") for c in completions]
-
-    def split_steps(self, completion):
-        return list(range(0, len(completion), 2)) if completion else []
-
-
-class KnownPolicyEngine:
-    """Continues any prefix line by line, "g" with probability P_GOOD[step], behind the engine interface."""
-
-    def __init__(self, tokenizer, prompt_len):
-        self.tokenizer, self.prompt_len, self.stats = tokenizer, prompt_len, EngineStats()
-
-    def generate(self, prompts, params):
-        rng = random.Random(params.seed)
-        out = []
-        for prompt in prompts:
-            done = (len(prompt) - self.prompt_len) // 2
-            group = []
-            for _ in range(params.n):
-                text = "".join("g\n" if rng.random() < P_GOOD[t] else "b\n" for t in range(done, 3))
-                ids = self.tokenizer(text, add_special_tokens=False)["input_ids"] + [self.tokenizer.eos_token_id]
-                group.append(Completion(ids, text, "stop"))
-                self.stats.tokens_generated += len(ids)
-            out.append(group)
-        return out
-
-
-def true_value(response_prefix: str) -> float:
-    """V(prompt + prefix): 0 after any "b", else the product of the remaining steps' success probabilities."""
-    steps = response_prefix.splitlines()
-    return 0.0 if "b" in steps else float(np.prod(P_GOOD[len(steps):]))
-
 
 def toy():
     tokenizer = build_char_tokenizer("gb\nQ0123456789")

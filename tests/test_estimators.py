@@ -1,7 +1,6 @@
 """Estimators against closed forms: GAE vs a plain loop, group baselines per group, VinePPO's MC
 values on a toy whose state values are known exactly."""
 
-import random
 
 import pytest
 import torch
@@ -11,10 +10,13 @@ from rlzoo.algorithms.grpo import grpo_advantages
 from rlzoo.algorithms.rloo import rloo_advantages
 from rlzoo.algorithms.value_ppo import gae
 from rlzoo.algorithms.vineppo import step_advantages
-from rlzoo.engine import Completion, EngineStats, SamplingParams
+from rlzoo.engine import SamplingParams
 from rlzoo.policy import build_char_tokenizer
 from rlzoo.rollout import EstimatorContext, build_batch
-from rlzoo.tasks import Problem, Task
+from rlzoo.tasks import Problem
+from toy import P_GOOD, KnownPolicyEngine, StepTask, true_value
+
+TOY_ALPHABET = "gb\nQ"
 
 
 def test_gae_matches_a_plain_python_loop():
@@ -89,58 +91,6 @@ def test_every_builtin_strategy_is_registered_and_unknown_names_list_them():
 
 
 # ----------------------------------------------------------------------------- VinePPO toy
-
-P_GOOD = [0.9, 0.6, 0.3]  # probability that step t is correct; the answer is right iff every step is
-TOY_ALPHABET = "gb\nQ"
-
-
-class StepTask(Task):
-    """Responses are 3 lines, each "g" (a correct step) or "b"; reward 1 iff all are "g"."""
-
-    name = "toy-steps"
-    max_new_tokens = 6
-
-    def score(self, problems, completions):
-        return [float(c == "g\ng\ng\n") for c in completions]
-
-    def split_steps(self, completion):
-        return [i for i in range(0, len(completion), 2)] if completion else []
-
-
-class KnownPolicyEngine:
-    """A stochastic policy with known per-step success probabilities, behind the engine interface:
-    it continues any prefix line by line, "g" with probability P_GOOD[step]. True values are exact:
-    V(after t correct steps) = prod(P_GOOD[t:]); any "b" makes it 0."""
-
-    def __init__(self, tokenizer, prompt_len):
-        self.tokenizer, self.prompt_len, self.stats = tokenizer, prompt_len, EngineStats()
-
-    def generate(self, prompts, params):
-        rng = random.Random(params.seed)
-        out = []
-        for prompt in prompts:
-            done = (len(prompt) - self.prompt_len) // 2
-            group = []
-            for _ in range(params.n):
-                text = "".join("g\n" if rng.random() < P_GOOD[t] else "b\n" for t in range(done, 3))
-                ids = self.tokenizer(text, add_special_tokens=False)["input_ids"] + [self.tokenizer.eos_token_id]
-                group.append(Completion(ids, text, "stop"))
-            out.append(group)
-        return out
-
-    def sync_weights(self, model):
-        pass
-
-
-def true_value(prefix_text: str) -> float:
-    steps = prefix_text.splitlines()
-    if any(s == "b" for s in steps):
-        return 0.0
-    v = 1.0
-    for p in P_GOOD[len(steps):]:
-        v *= p
-    return v
-
 
 def _toy_batch_and_ctx(seed, k):
     tokenizer = build_char_tokenizer(TOY_ALPHABET)
