@@ -26,7 +26,7 @@ from rlzoo.policy import build_char_tokenizer
 from rlzoo.rollout import EstimatorContext
 from rlzoo.runs import write_run
 from rlzoo.tasks import Problem
-from toy import P_GOOD, KnownPolicyEngine, StepTask, true_value
+from toy import KnownPolicyEngine, StepTask, true_value
 
 # ----------------------------------------------------------------------------- a toy with known values
 

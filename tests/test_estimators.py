@@ -14,7 +14,7 @@ from rlzoo.engine import SamplingParams
 from rlzoo.policy import build_char_tokenizer
 from rlzoo.rollout import EstimatorContext, build_batch
 from rlzoo.tasks import Problem
-from toy import P_GOOD, KnownPolicyEngine, StepTask, true_value
+from toy import KnownPolicyEngine, StepTask, true_value
 
 TOY_ALPHABET = "gb\nQ"
 

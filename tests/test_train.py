@@ -1,13 +1,10 @@
 """The training loop end to end on the tiny built-in policy: every strategy updates the policy,
 GRPO raises train reward, a SIGKILLed run resumes to identical metrics, faults stop cleanly."""
 
-import json
-import os
 import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
