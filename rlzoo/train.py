@@ -74,11 +74,13 @@ def iteration_problems(problems: list[Problem], iteration: int, count: int, seed
     """The prompts of ``iteration``: consecutive slices of seeded permutations of the train split,
     one permutation per pass, so every strategy and a resumed run see the same prompts in the same order."""
     n = len(problems)
+    orders: dict[int, torch.Tensor] = {}  # one permutation per pass touched by this iteration
     out = []
     for k in range(iteration * count, (iteration + 1) * count):
         epoch, i = divmod(k, n)
-        order = torch.randperm(n, generator=torch.Generator().manual_seed(derive_seed(seed, epoch, 17)))
-        out.append(problems[int(order[i])])
+        if epoch not in orders:
+            orders[epoch] = torch.randperm(n, generator=torch.Generator().manual_seed(derive_seed(seed, epoch, 17)))
+        out.append(problems[int(orders[epoch][i])])
     return out
 
 
