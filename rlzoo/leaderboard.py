@@ -623,9 +623,24 @@ def make_plots(res: dict, out: Path) -> list[str]:
 # Provenance and writing
 
 
+# Only torch is pinned at install; these are lower-bounded, so their installed versions are part of what made a
+# result (README, "Reproducibility and dependency versions"; benchmarks/constraints.txt pins them to reproduce it).
+PROVENANCE_PACKAGES = ("torch", "transformers", "tokenizers", "math-verify", "deepspeed", "datasets", "numpy", "scipy",
+                       "gin-config")
+
+
 def provenance(command: str) -> dict:
-    """Where and from what this leaderboard was made."""
+    """Where and from what this leaderboard was made, including the installed versions of PROVENANCE_PACKAGES
+    (None for one that is not installed)."""
+    from importlib import metadata
+
     src = Path(rlzoo.__file__).resolve().parent.parent
+
+    def installed(name):
+        try:
+            return metadata.version(name)
+        except metadata.PackageNotFoundError:
+            return None
 
     def git(*args):
         try:
@@ -652,6 +667,7 @@ def provenance(command: str) -> dict:
         "machine": f"{os.cpu_count()} cores, {cpu}, {mem_gib:.0f} GiB RAM, {platform.system()} {platform.release()}",
         "python": platform.python_version(),
         "rlzoo_version": rlzoo.__version__,
+        **{name: installed(name) for name in PROVENANCE_PACKAGES},
     }
 
 

@@ -83,11 +83,23 @@ def _comparable(run_dir):
             for r in runs.read_jsonl(run_dir / "metrics.jsonl")]
 
 
+def _same_value(got, want) -> bool:
+    """Numbers up to float rounding; everything else (kind, names, flags, None) exactly, since pytest.approx
+    raises on non-numbers (pytest >= 9.2) and a bool or a label that differs is a real difference."""
+    if isinstance(want, (list, tuple)):
+        return isinstance(got, (list, tuple)) and len(got) == len(want) and all(map(_same_value, got, want))
+    if isinstance(want, dict):
+        return isinstance(got, dict) and got.keys() == want.keys() and all(_same_value(got[k], want[k]) for k in want)
+    if isinstance(want, (int, float)) and not isinstance(want, bool):
+        return isinstance(got, (int, float)) and not isinstance(got, bool) and got == pytest.approx(want, rel=1e-4, abs=1e-6)
+    return type(got) is type(want) and got == want
+
+
 def _assert_same_metrics(a, b):
     assert len(a) == len(b) and [r.keys() for r in a] == [r.keys() for r in b]
     for ra, rb in zip(a, b):
         for k, v in ra.items():
-            assert rb[k] == pytest.approx(v, rel=1e-4, abs=1e-6), (ra["kind"], ra["iteration"], k)
+            assert _same_value(rb[k], v), (ra["kind"], ra["iteration"], k, rb[k], v)
 
 
 @pytest.fixture(scope="module")

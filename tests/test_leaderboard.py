@@ -3,12 +3,15 @@ matched-train-accuracy rule on synthetic curves, every output file, and one-line
 
 import json
 import math
+import platform
+from importlib import metadata
 from pathlib import Path
 
 import numpy as np
 import pytest
 from scipy import stats
 
+from rlzoo import leaderboard
 from rlzoo.cli import main
 from rlzoo.leaderboard import (
     PLOTS,
@@ -207,6 +210,19 @@ def test_leaderboard_end_to_end_writes_every_table_plot_and_the_html_page(tmp_pa
     rows = (out / "results.csv").read_text().strip().splitlines()
     assert len(rows) == 4 and rows[0].startswith("strategy,runs,final_test_mean") and rows[1].startswith("ppo,3,")
     assert len((out / "runs.csv").read_text().strip().splitlines()) == 10
+
+    # The versions of the lower-bounded dependencies a result was made with (deepspeed: the test extra has it).
+    prov = res["provenance"]
+    for name in ("torch", "transformers", "tokenizers", "math-verify", "deepspeed", "datasets", "numpy", "scipy", "gin-config"):
+        assert prov[name] == metadata.version(name), name
+        assert f"{name}: {metadata.version(name)}" in readme
+    assert prov["python"] == platform.python_version()
+
+
+def test_provenance_records_a_package_that_is_not_installed_as_null(tmp_path, monkeypatch):
+    monkeypatch.setattr(leaderboard, "PROVENANCE_PACKAGES", ("torch", "rlzoo-no-such-package"))
+    prov = json.loads(json.dumps(leaderboard.provenance("cmd")))
+    assert prov["torch"] == metadata.version("torch") and prov["rlzoo-no-such-package"] is None
 
 
 def test_readme_says_so_when_strategies_cannot_be_told_apart(tmp_path):
