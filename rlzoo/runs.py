@@ -13,14 +13,25 @@ A run folder holds one training run (one strategy, one task, one seed)::
 
 Every metrics record has ``"kind"`` ("train" or "eval"), ``"iteration"`` (0-based count of updates
 done), ``"episodes"`` (responses trained on so far), ``"time/train_total"`` (seconds of training so
-far, evaluation excluded: the wall-clock that comparisons use). Train records add
-``reward/mean``; ``time/<stage>``: seconds of this iteration per stage (generation, reward, logprobs,
-mc, baseline, advantages, critic, update) and ``time/iteration`` their total; ``tokens/<purpose>``:
+far, evaluation excluded: the wall-clock that comparisons use) and ``"flops/total"`` (estimated FLOPs
+of training so far, evaluation excluded: the budget that a busy machine does not distort). Train
+records add ``reward/mean``; ``time/<stage>``: seconds of this iteration per stage (generation, reward,
+logprobs, mc, baseline, advantages, critic, update) and ``time/iteration`` their total;
+``flops/<stage>``: this iteration's estimated FLOPs per stage that runs a model (generation: prefill +
+decode of the rollouts; logprobs: old and reference log-probs; mc, baseline: an estimator's extra
+rollouts, prefill + decode; advantages: the forward of a critic the estimator owns; critic: its
+update; update: the PPO epochs), stages with none left out; ``flops/total`` is cumulative over the
+run, resumes included. The estimate (``rlzoo.train.estimated_flops``) is 2·N per token position run
+forward through a model of N parameters and 6·N forward + backward, over the positions actually
+run, padding included; ``batch/tokens``: rows x padded length of the iteration's batch, the positions
+of every pass over it (so ``flops/update`` = 6·N·batch/tokens·ppo.epochs). ``tokens/<purpose>``:
 tokens generated so far (cumulative) by purpose (policy, mc, baseline) and ``tokens_iter/<purpose>``
 this iteration's; ``kl/ref``, ``ppo/*``, ``loss/*``, ``credit/*``, ``memory/peak_rss_mb`` ... Eval records
 add ``eval/<split>/pass@1``, ``eval/<split>/maj@<k>``, ``mean_response_tokens``, ``truncated`` and
 ``n_problems`` for ``split`` in ``train`` (a fixed subset of the train split) and the task's eval splits
-(``test``, and ``ood_test`` for arith), and ``time/eval``.
+(``test``, and ``ood_test`` for arith), and ``time/eval``. Every evaluation of a run samples the same
+problems with the same seed (and so does every strategy's run with the same seed), so an unchanged
+policy scores the same at every evaluation.
 """
 
 from __future__ import annotations

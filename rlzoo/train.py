@@ -107,6 +107,43 @@ def peak_memory_mb() -> float:
     return rss
 
 
+# ----------------------------------------------------------------------------- compute
+
+
+def parameter_count(module: torch.nn.Module) -> int:
+    """Parameters of ``module``, embeddings included, shared ones once (a ZeRO-3 partition counts whole)."""
+    return sum(getattr(p, "ds_numel", p.numel()) for p in module.parameters())
+
+
+def estimated_flops(params: int, tokens: int, backward: bool = False) -> int:
+    """The one FLOPs estimate of rlzoo: 2·N per token position run forward through a model of N
+    parameters (a multiply and an add per parameter), 6·N forward + backward (the backward costs twice
+    the forward). Attention over the context and optimizer steps are left out (Kaplan et al. 2020).
+    ``tokens`` are positions actually run, padding included: padding is compute spent too."""
+    return (6 if backward else 2) * int(params) * int(tokens)
+
+
+class TokenMeter:
+    """Token positions run through ``module``, counted by a forward pre-hook, so every caller counts
+    (the estimator itself, DDP, DeepSpeed) without the loop knowing who calls it: ``forward`` with
+    autograd off, ``trained`` with it on (a training forward, whose backward follows)."""
+
+    def __init__(self, module: torch.nn.Module):
+        self.forward = self.trained = 0
+        module.register_forward_pre_hook(self._count, with_kwargs=True)
+
+    def _count(self, module, args, kwargs) -> None:
+        ids = kwargs.get("input_ids", args[0] if args else None)  # [b, L] token ids
+        if isinstance(ids, torch.Tensor):
+            if torch.is_grad_enabled():
+                self.trained += ids.numel()
+            else:
+                self.forward += ids.numel()
+
+    def counts(self) -> list[int]:
+        return [self.forward, self.trained]
+
+
 class Interrupt:
     """First Ctrl-C (or SIGTERM) asks the loop to save and stop at the end of the iteration; a second one stops now."""
 
@@ -238,6 +275,7 @@ def train(run_dir: str | Path, cfg: TrainConfig | None = None, command: str = ""
 
     # Policy, frozen reference, engine. The reference is the *initial* policy, also on resume.
     policy, tokenizer = load_policy(cfg.model, device=device)
+    policy_params = parameter_count(policy)  # N of the FLOPs estimate, for the policy, its reference and its sampler
     model_path = policy.config._name_or_path
     use_ref = ppo_cfg.kl_mode != "none" and ppo_cfg.kl_coef > 0
     reference = copy.deepcopy(policy).eval().requires_grad_(False) if use_ref else None
@@ -256,10 +294,13 @@ def train(run_dir: str | Path, cfg: TrainConfig | None = None, command: str = ""
                           max_grad_norm=ppo_cfg.max_grad_norm, micro_batch_size=ppo_cfg.micro_batch_size,
                           lr_lambda=lr_lambda(cfg, total_steps))
     estimator.setup(ctx)
+    # A critic the estimator owns is metered wherever it runs (its forward in `advantages`, its update in `critic`).
+    critic_meter = TokenMeter(estimator.critic) if estimator.critic is not None else None
+    critic_params = parameter_count(estimator.critic) if estimator.critic is not None else 0
     loss_agg = estimator.loss_agg or ppo_cfg.loss_agg
     ppo_cfg = replace(ppo_cfg, loss_agg=loss_agg)
 
-    state = {"iteration": 0, "episodes": 0, "train_seconds": 0.0, "tokens": {}}
+    state = {"iteration": 0, "episodes": 0, "train_seconds": 0.0, "tokens": {}, "flops": 0}
     checkpoint = latest_checkpoint(run_dir)
     if checkpoint is not None:
         saved = torch.load(checkpoint / "state.pt", weights_only=False)
@@ -271,7 +312,7 @@ def train(run_dir: str | Path, cfg: TrainConfig | None = None, command: str = ""
         with ctx.sampling_weights():
             engine.sync_weights(policy)
         estimator.load_state_dict(saved["estimator"])
-        state = {k: saved[k] for k in state}
+        state = {k: saved.get(k, state[k]) for k in state}  # a checkpoint from before FLOPs were counted has none
         ctx.tokens.update(state["tokens"])
         if main:  # keep exactly what the checkpoint had seen: train records up to it, evals before it
             kept = [r for r in runs.read_jsonl(run_dir / "metrics.jsonl")
@@ -302,12 +343,16 @@ def train(run_dir: str | Path, cfg: TrainConfig | None = None, command: str = ""
         if not main:
             return
         record = {"kind": record.pop("kind"), "iteration": state["iteration"], "episodes": state["episodes"],
-                  "time/train_total": state["train_seconds"]} | record
+                  "time/train_total": state["train_seconds"], "flops/total": state["flops"]} | record
         runs.append_jsonl(run_dir / "metrics.jsonl", record)
         for key, value in record.items():
             if isinstance(value, (int, float)) and key != "iteration":
                 tb.add_scalar(key, value, state["iteration"])
         tb.flush()
+
+    # One sampling seed for every evaluation of the run (and, with the same run seed, of every strategy):
+    # with the same problems too, an unchanged policy scores the same, so a curve moves by learning alone.
+    eval_seed = derive_seed(cfg.seed, 0, 29)
 
     def run_eval() -> None:
         t0 = time.perf_counter()
@@ -317,7 +362,7 @@ def train(run_dir: str | Path, cfg: TrainConfig | None = None, command: str = ""
             with ctx.sampling_weights():
                 result = evaluate(policy, tokenizer, engine, task, split, problems=problems[mine.start : mine.stop],
                                   samples=cfg.eval_samples, temperature=cfg.eval_temperature, top_p=cfg.eval_top_p,
-                                  max_new_tokens=max_new_tokens, seed=derive_seed(cfg.seed, state["iteration"], 29),
+                                  max_new_tokens=max_new_tokens, seed=eval_seed,
                                   first_index=mine.start)
             result = merge_eval(distributed.gather_objects({k: v for k, v in result.items() if k != "problems"}))
             record |= {f"eval/{split}/{k}": v for k, v in result.items()
@@ -336,7 +381,8 @@ def train(run_dir: str | Path, cfg: TrainConfig | None = None, command: str = ""
     def train_iteration(it: int) -> dict:
         """One iteration: rollouts, rewards, log-probs, credit, critic, PPO update. Returns its record."""
         t_start = time.perf_counter()
-        watch, tokens_before = ctx.watch, dict(ctx.tokens)
+        watch, tokens_before, rollout_tokens_before = ctx.watch, dict(ctx.tokens), dict(ctx.forward_tokens)
+        engine_tokens_before = engine.stats.forward_tokens  # this rank's
         watch.seconds.clear()
         ctx.iteration = it
         ctx.sampling = replace(sampling, seed=derive_seed(cfg.seed, it, 1))
@@ -348,6 +394,7 @@ def train(run_dir: str | Path, cfg: TrainConfig | None = None, command: str = ""
         mine = distributed.shard(len(problems))
         with watch("generation"), ctx.sampling_weights():
             completions = engine.generate(prompt_ids[mine.start : mine.stop], replace(ctx.sampling, first_index=mine.start))  # [P_rank][G]
+        generation_tokens = engine.stats.forward_tokens - engine_tokens_before  # this rank's prefill + decode
 
         # 2. Rewards (graded in worker processes for math-verify tasks); then every rank holds the whole batch.
         with watch("reward"):
@@ -375,10 +422,13 @@ def train(run_dir: str | Path, cfg: TrainConfig | None = None, command: str = ""
 
         # 4. Credit: the only strategy-specific step (its MC rollouts, if any, time themselves as "mc").
         t0 = time.perf_counter()
+        critic_before = critic_meter.counts() if critic_meter else [0, 0]  # [forward, trained] token positions
         credit = estimator.advantages(batch, ctx)
         watch.seconds["advantages"] += time.perf_counter() - t0 - sum(watch.seconds[k] for k in ("mc", "baseline"))
+        critic_mid = critic_meter.counts() if critic_meter else [0, 0]
         with watch("critic"):
             critic_stats = estimator.update_critic(batch, credit, ctx)
+        critic_after = critic_meter.counts() if critic_meter else [0, 0]
         raw = credit.advantages
         advantages = masked_whiten(raw, mask) if ppo_cfg.whiten_advantages else raw  # [B, L]
 
@@ -390,6 +440,22 @@ def train(run_dir: str | Path, cfg: TrainConfig | None = None, command: str = ""
                 raise FloatingPointError("the PPO update made the policy's weights non-finite")
             with ctx.sampling_weights():
                 engine.sync_weights(policy)
+
+        # 6. Estimated FLOPs by stage (``estimated_flops``). Every pass over the batch runs its B x L positions
+        #    (each rank its rows); generation and critic counts are per rank, hence the sum.
+        batch_tokens = batch.size * batch.input_ids.shape[1]
+        generation_tokens, *critic_tokens = map(int, distributed.all_reduce(
+            [float(generation_tokens)] + [float(b - a) for a, b in zip(critic_before + critic_mid, critic_mid + critic_after)]))
+        critic_flops = lambda forward, trained: (estimated_flops(critic_params, forward)  # noqa: E731
+                                                  + estimated_flops(critic_params, trained, backward=True))
+        stage_flops = {
+            "generation": estimated_flops(policy_params, generation_tokens),
+            "logprobs": estimated_flops(policy_params, batch_tokens * (2 if reference is not None else 1)),
+            **{p: estimated_flops(policy_params, n - rollout_tokens_before.get(p, 0)) for p, n in ctx.forward_tokens.items()},
+            "advantages": critic_flops(*critic_tokens[:2]),  # a critic's forward inside the estimator
+            "critic": critic_flops(*critic_tokens[2:]),
+            "update": estimated_flops(policy_params, batch_tokens * ppo_cfg.epochs, backward=True),
+        }
 
         lengths = batch.response_lens().float()
         return {
@@ -405,6 +471,8 @@ def train(run_dir: str | Path, cfg: TrainConfig | None = None, command: str = ""
             **{f"time/{k}": v for k, v in watch.seconds.items()},
             **{f"tokens/{k}": ctx.tokens[k] for k in ctx.tokens},
             **{f"tokens_iter/{k}": ctx.tokens[k] - tokens_before.get(k, 0) for k in ctx.tokens},
+            "batch/tokens": batch_tokens,
+            **{f"flops/{k}": v for k, v in stage_flops.items() if v},
             "time/iteration": distributed.all_reduce(time.perf_counter() - t_start, "max"),  # the slowest rank's: budgets agree
             "memory/peak_rss_mb": peak_memory_mb(),
         }
@@ -423,6 +491,7 @@ def train(run_dir: str | Path, cfg: TrainConfig | None = None, command: str = ""
                 state["episodes"] += record.pop("episodes")
                 state["train_seconds"] += record["time/iteration"]
                 state["tokens"] = dict(ctx.tokens)
+                state["flops"] += sum(v for k, v in record.items() if k.startswith("flops/"))
                 log(record)
                 if state["iteration"] % cfg.checkpoint_every == 0:
                     checkpoint_now()

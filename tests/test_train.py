@@ -1,5 +1,6 @@
-"""The training loop end to end on the tiny built-in policy: every strategy updates the policy,
-GRPO raises train reward, a SIGKILLed run resumes to identical metrics, faults stop cleanly."""
+"""The training loop end to end on the tiny built-in policy: every strategy updates the policy and
+reports its FLOPs by stage, evaluations of an unchanged policy agree, GRPO raises train reward, a
+SIGKILLed run resumes to identical metrics (FLOPs included), faults stop cleanly."""
 
 import signal
 import subprocess
@@ -29,6 +30,14 @@ def _group_size(algo, n):
     return f"{CONFIGURABLE.get(algo, algo)}.group_size = {n}"
 
 
+def _parameters(module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def _stage_flops(record) -> dict:
+    return {k: v for k, v in record.items() if k.startswith("flops/") and k != "flops/total"}
+
+
 def _train(run_dir, algo, model, bindings, budget="iterations=2"):
     args = ["train", "--algo", algo, "--model", str(model), "--out", str(run_dir), "--budget", budget]
     for b in bindings:
@@ -56,8 +65,53 @@ def test_every_strategy_runs_and_changes_the_policy(algo, tiny_policy_path, tmp_
         assert train_records[0]["tokens/mc"] > 0 and train_records[0]["time/mc"] > 0
     if algo == "ppo":
         assert (tmp_path / "checkpoints" / "iter_000002" / "critic.safetensors").exists()
+
+    # FLOPs: every stage that runs a model reports a positive estimate; they add up to the cumulative total.
+    from transformers import AutoModelForCausalLM
+
+    n_policy = _parameters(AutoModelForCausalLM.from_pretrained(tiny_policy_path))
+    total = 0
+    for r in train_records:
+        stages = _stage_flops(r)
+        assert {"flops/generation", "flops/logprobs", "flops/update"} <= set(stages) and all(v > 0 for v in stages.values())
+        assert r["flops/total"] == total + sum(stages.values())
+        total = r["flops/total"]
+        assert r["flops/update"] == 6 * n_policy * r["batch/tokens"] * 1  # ppo.epochs = 1
+        assert r["flops/logprobs"] == 2 * n_policy * r["batch/tokens"] * 2  # the policy's and the reference's
+        assert ("flops/mc" in stages) == (algo == "vineppo") and ("flops/baseline" in stages) == (algo == "remax")
+        if algo == "ppo":  # the critic's forward (in advantages) and its update, by its own parameter count
+            from rlzoo.algorithms.value_ppo import ValueModel
+
+            n_critic = _parameters(ValueModel(str(tiny_policy_path)))
+            assert r["flops/advantages"] == 2 * n_critic * r["batch/tokens"]
+            assert r["flops/critic"] == 6 * n_critic * r["batch/tokens"] * 2  # value_ppo.critic_epochs = 2
+        else:
+            assert "flops/critic" not in stages and "flops/advantages" not in stages
+    assert records[0]["flops/total"] == 0 and records[-1]["flops/total"] == total  # evals carry the total so far
     assert runs.read_run(tmp_path)["status"] == "finished"
     assert "train.algo" in (tmp_path / "config.gin").read_text()
+
+
+def test_every_evaluation_of_an_unchanged_policy_scores_the_same(tiny_policy_path, tmp_path):
+    # At lr 0 the policy never changes: only a new draw of eval problems or sampler seeds could move its scores.
+    evaluated = ["train.eval_every = 1", "train.eval_samples = 4", "train.eval_train_problems = 8", "train.eval_test_problems = 8"]
+    frozen = SMALL + evaluated + ["grpo.group_size = 2", "train.lr = 0", "ppo.epochs = 2"]
+    assert _train(tmp_path / "grpo", "grpo", tiny_policy_path, frozen, budget="iterations=2") == 0
+    records = runs.read_jsonl(tmp_path / "grpo" / "metrics.jsonl")
+    scores = [{k: v for k, v in r.items() if k.startswith("eval/")} for r in records if r["kind"] == "eval"]
+    assert len(scores) == 3 and scores[0] == scores[1] == scores[2]
+    assert 0 < scores[0]["eval/test/pass@1"] < 1 or 0 < scores[0]["eval/train/pass@1"] < 1  # samples that can differ
+    # another strategy with the same run seed is evaluated on the same problems with the same seeds
+    assert _train(tmp_path / "rloo", "rloo", tiny_policy_path, SMALL + evaluated + ["rloo.group_size = 2"], budget="iterations=1") == 0
+    first = next(r for r in runs.read_jsonl(tmp_path / "rloo" / "metrics.jsonl") if r["kind"] == "eval")
+    assert {k: v for k, v in first.items() if k.startswith("eval/")} == scores[0]
+    # the update's FLOPs: 6·N per position (forward + backward), every epoch over the whole padded batch
+    from transformers import AutoModelForCausalLM
+
+    n_policy = _parameters(AutoModelForCausalLM.from_pretrained(tiny_policy_path))
+    for r in records:
+        if r["kind"] == "train":
+            assert r["flops/update"] == 6 * n_policy * r["batch/tokens"] * 2
 
 
 @pytest.mark.slow
@@ -98,7 +152,9 @@ def test_sigkill_mid_run_then_resume_gives_identical_metrics(tiny_policy_path, t
     proc.wait()
     assert runs.read_run(killed)["status"] == "running"
     assert subprocess.run(cmd, capture_output=True).returncode == 0
-    assert _comparable(runs.read_jsonl(killed / "metrics.jsonl")) == _comparable(runs.read_jsonl(reference / "metrics.jsonl"))
+    resumed = runs.read_jsonl(killed / "metrics.jsonl")
+    assert _comparable(resumed) == _comparable(runs.read_jsonl(reference / "metrics.jsonl"))
+    assert resumed[-1]["flops/total"] > 0 and all("flops/total" in r for r in resumed)  # cumulative FLOPs survive the resume
 
 
 def test_non_finite_update_stops_with_one_line_and_keeps_the_last_checkpoint(tiny_policy_path, tmp_path, capsys):
