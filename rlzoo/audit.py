@@ -46,6 +46,8 @@ import base64
 import html
 import itertools
 import json
+import os
+import shlex
 import sys
 import time
 from dataclasses import asdict, dataclass, replace
@@ -405,6 +407,40 @@ def policy_to_load(policy: str, task: str) -> str:
     return policy
 
 
+def shown_path(value: str, base: Path) -> str:
+    """A model or run given by a path, as its path from ``base`` (the report's folder), so that reports
+    record no machine's folder names; a name that is no path here (a hub id, "default") as given."""
+    if value == "default" or not Path(value).expanduser().exists():
+        return value
+    return os.path.relpath(Path(value).expanduser().resolve(), Path(base).resolve())
+
+
+PATH_OPTIONS = ("--policy", "--critic", "--config")
+
+
+def portable_command(command: str, out: Path) -> str:
+    """``command`` as run in the report's folder ``out``: the paths it names by their path from there and
+    ``--out`` as "." (``shown_path``). A command that does not parse is kept as is."""
+    try:
+        args = shlex.split(command)
+    except ValueError:
+        return command
+    shown = []
+    for i, arg in enumerate(args):
+        option, eq, inline = arg.partition("=")
+        before = args[i - 1] if i else ""
+        if eq and option == "--out":
+            arg = "--out=."
+        elif eq and option in PATH_OPTIONS:
+            arg = f"{option}={shown_path(inline, out)}"
+        elif before == "--out":
+            arg = "."
+        elif before in PATH_OPTIONS:
+            arg = shown_path(arg, out)
+        shown.append(arg)
+    return shlex.join(shown)
+
+
 def critic_checkpoint(run_dir: Path, task: str) -> Path:
     """The latest checkpoint of a ``ppo`` run on ``task`` that holds a critic (critic.safetensors)."""
     from rlzoo.train import latest_checkpoint
@@ -497,7 +533,7 @@ def run_audit(task_name: str, out: Path, cfg: AuditConfig, policy: str | None = 
             checkpoint = critic_checkpoint(train_critic(model, task_name, critic_iterations, run_dir, cfg.seed), task_name)
         run_dir = checkpoint.parent.parent
         trains = [r for r in runs.read_jsonl(run_dir / "metrics.jsonl") if r.get("kind") == "train"]
-        critic_info = {"checkpoint": str(checkpoint), "trained_here": critic is None,
+        critic_info = {"checkpoint": shown_path(str(checkpoint), out), "trained_here": critic is None,
                        "iterations": runs.read_run(run_dir).get("budget", {}).get("iterations"),
                        # what the critic cost PPO in training: its update, per iteration (inference is in compute)
                        "update_seconds_per_iteration": float(np.mean([r.get("time/critic", np.nan) for r in trains])) if trains else None}
@@ -512,9 +548,12 @@ def run_audit(task_name: str, out: Path, cfg: AuditConfig, policy: str | None = 
     started = time.perf_counter()
     result = audit(policy_model, tokenizer, engine, task, problems, cfg,
                    critic=load_critic(checkpoint, device) if checkpoint is not None else None, device=device, log=log)
-    result |= {"policy": policy or (str(critic) if critic is not None else "default"), "policy_loaded": model, "split": split,
+    # Paths as seen from `out`: a report records no machine's folder names (leaderboard_sections rebases them).
+    given = policy or (str(critic) if critic is not None else "default")
+    result |= {"policy": shown_path(given, out), "policy_is_path": given != "default" and Path(given).expanduser().exists(),
+               "policy_loaded": shown_path(model, out), "split": split,
                "critic": critic_info, "seconds": time.perf_counter() - started, "config": gin.config_str(),
-               "provenance": provenance(command)}
+               "provenance": provenance(portable_command(command, out))}
     write_report(result, out)
     log(f"wrote {out}/audit.json, audit.md and plots ({', '.join(PLOTS)}) in {result['seconds']:.0f}s")
     if (out.parent / "index.html").is_file():
@@ -592,10 +631,16 @@ def markdown_section(result: dict, plot_prefix: str = "", level: int = 2) -> str
     return "\n".join(lines)
 
 
+def _policy_from_parent(result: dict, audit_dir: Path) -> str:
+    """The audited policy as the page one folder up (the leaderboard's) sees it: a path, rebased onto it."""
+    policy = str(result.get("policy"))
+    return os.path.normpath(os.path.join(Path(audit_dir).name, policy)) if result.get("policy_is_path") else policy
+
+
 def leaderboard_sections(audit_dir: Path) -> tuple[str, str]:
     """(Markdown, HTML) sections of the audit in ``audit_dir`` (a subfolder "audit" of the leaderboard folder)."""
     result = json.loads((Path(audit_dir) / "audit.json").read_text())
-    title = f"Credit audit — {result['task']}, policy {result.get('policy')}"
+    title = f"Credit audit — {result['task']}, policy {_policy_from_parent(result, audit_dir)}"
     return f"## {title}\n\n" + markdown_section(result, plot_prefix=f"{Path(audit_dir).name}/", level=3), html_section(audit_dir)
 
 
@@ -603,7 +648,7 @@ def html_section(audit_dir: Path) -> str:
     """The audit in ``audit_dir`` as one self-contained HTML section (plots inlined)."""
     audit_dir = Path(audit_dir)
     result = json.loads((audit_dir / "audit.json").read_text())
-    parts = [f"<h2>Credit audit — {html.escape(result['task'])}, policy {html.escape(str(result.get('policy')))}</h2>"]
+    parts = [f"<h2>Credit audit — {html.escape(result['task'])}, policy {html.escape(_policy_from_parent(result, audit_dir))}</h2>"]
     for title, note, header, rows in tables(result):
         parts += [f"<h3>{html.escape(title)}</h3>", f"<p>{html.escape(note)}</p>", _html_table(header, rows)]
     for p in PLOTS:
@@ -672,7 +717,7 @@ def make_plots(result: dict, out: Path) -> None:
 
 
 def write_report(result: dict, out: Path) -> None:
-    """audit.json, audit.md and the plots (PNG + SVG) in ``out``."""
+    """audit.json, audit.md and the plots (PNG + SVG) in ``out``; paths in ``result`` are relative to ``out``."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "audit.json").write_text(json.dumps(result, indent=1, default=float) + "\n")
@@ -690,5 +735,5 @@ def write_report(result: dict, out: Path) -> None:
             line += f"; its updates cost {c['update_seconds_per_iteration']:.1f}s per training iteration"
         header += [line + ".", ""]
     prov = result.get("provenance", {})
-    footer = ["## Provenance", "", "```", *[f"{k}: {v}" for k, v in prov.items()], "```", ""] if prov else []
+    footer = ["## Provenance", "", "```", *[f"{k}: {v}" for k, v in prov.items()], "```", "", "Paths are relative to this folder.", ""] if prov else []
     (out / "audit.md").write_text("\n".join(header + [markdown_section(result)] + footer))

@@ -20,12 +20,22 @@ The gap of a run is the mean over levels of (train level − test accuracy there
 Speed against the baseline (value-network PPO, strategy "ppo"): the target is the maximum of the
 baseline's mean test-accuracy curve over train wall-clock (seeds interpolated on a common grid, the
 curve plotted in ``acc_vs_time``); a strategy's time to target is the first time its own mean curve
-reaches it; speed-up = baseline's time / strategy's time. Welch's unequal-variance t-test compares each
-strategy's final (and best) test accuracy over seeds with the baseline's.
+reaches it; speed-up = baseline's time / strategy's time. The same on the FLOPs axis (``flops/total``,
+plotted in ``acc_vs_flops``), whose target is the maximum of the baseline's mean curve over FLOPs: FLOPs
+do not drift with the load of a shared machine the way seconds do. Welch's unequal-variance t-test
+compares each strategy's final (and best) test accuracy over seeds with the baseline's.
+
+Gains: a run's gain is its last eval's accuracy minus its first's (train subset, test split). Every
+evaluation of a run samples the same problems with the same seeds, and so do the runs of every strategy
+with the same seed, so gains and differences are paired: a strategy's paired difference with the
+baseline is, per seed both ran, its final accuracy minus the baseline's, summarised as mean ± t-interval
+over those seeds (a paired t-test for p), which cancels the seed-to-seed spread of the starting point.
 
 Train records, as ``rlzoo train`` writes them: ``time/<stage>`` is that iteration's seconds in the stage,
 ``time/iteration`` its total, ``time/train_total`` the cumulative training seconds, ``tokens/<purpose>``
-the cumulative tokens generated for that purpose (policy rollouts, MC value rollouts).
+the cumulative tokens generated for that purpose (policy rollouts, MC value rollouts), ``flops/<stage>``
+that iteration's estimated FLOPs in the stage and ``flops/total`` the cumulative FLOPs (also on eval
+records); effective GFLOP/s of a stage = its FLOPs / its seconds, summed over a run's iterations.
 """
 
 from __future__ import annotations
@@ -54,7 +64,7 @@ CONFIDENCE = 0.95
 ALPHA = 1 - CONFIDENCE
 N_MATCHED_LEVELS = 5  # train-accuracy levels in the generalization table
 GRID_POINTS = 400  # common time / iteration grid for mean curves
-PLOTS = ("acc_vs_time", "acc_vs_iterations", "test_vs_train", "kl_vs_acc")
+PLOTS = ("acc_vs_time", "acc_vs_flops", "acc_vs_iterations", "test_vs_train", "kl_vs_acc")
 STAGE_ORDER = ("generation", "reward", "mc", "logprobs", "critic", "advantages", "update")
 
 
@@ -260,11 +270,18 @@ def _kl_at(trains: list[dict], iteration: int) -> float:
     return kl
 
 
+def _gflops_per_second(trains: list[dict], stage: str) -> float:
+    """Effective GFLOP/s of a stage over a run: all its FLOPs over all its seconds (iterations with both)."""
+    both = [r for r in trains if r.get(f"flops/{stage}") is not None and r.get(f"time/{stage}")]
+    return sum(r[f"flops/{stage}"] for r in both) / sum(r[f"time/{stage}"] for r in both) / 1e9 if both else math.nan
+
+
 def run_numbers(run: Run, metric: str) -> dict:
     """Everything the leaderboard needs from one run, as plain numbers and arrays."""
     evals = [e for e in run.evals if np.isfinite(_acc(e, "test", metric))]
     records = run.trains + run.evals
     stages = sorted({k[5:] for r in run.trains for k in r if k.startswith("time/") and k not in ("time/train_total", "time/iteration")})
+    flop_stages = sorted({k[6:] for r in run.trains for k in r if k.startswith("flops/") and k != "flops/total"})
     n = {
         "iterations": max((r.get("iteration", 0) for r in records), default=0),
         "episodes": max((r.get("episodes", 0) for r in records), default=0),
@@ -278,6 +295,10 @@ def run_numbers(run: Run, metric: str) -> dict:
         "stage_seconds": {
             s: float(np.mean([r[f"time/{s}"] for r in run.trains if r.get(f"time/{s}") is not None])) for s in stages
         },
+        # Runs written before FLOPs were counted have none: nan, left out of every FLOPs number.
+        "flops": np.array([float(e["flops/total"]) if e.get("flops/total") is not None else math.nan for e in evals]),
+        "flops_total": float(max((r["flops/total"] for r in records if r.get("flops/total") is not None), default=math.nan)),
+        "stage_gflops": {s: _gflops_per_second(run.trains, s) for s in flop_stages},
         "tokens_policy": float(max((r.get("tokens/policy") or 0 for r in run.trains), default=0)),  # cumulative
         "tokens_mc": float(max((r.get("tokens/mc") or 0 for r in run.trains), default=0)),
         "peak_rss_mb": max((r["memory/peak_rss_mb"] for r in run.trains if r.get("memory/peak_rss_mb") is not None), default=math.nan),
@@ -285,6 +306,10 @@ def run_numbers(run: Run, metric: str) -> dict:
     n["final_test"] = float(n["test"][-1])
     n["best_test"] = float(n["test"].max())
     n["final_train"] = float(n["train"][-1])
+    n["initial_test"] = float(n["test"][0])
+    n["initial_train"] = float(n["train"][0])
+    n["test_gain"] = n["final_test"] - n["initial_test"]
+    n["train_gain"] = n["final_train"] - n["initial_train"]  # nan where the train subset was not evaluated
     n["final_ood_test"] = float(n["ood_test"][-1])
     n["best_ood_test"] = float(np.nanmax(n["ood_test"])) if np.isfinite(n["ood_test"]).any() else math.nan
     n["s_per_iteration"] = n["train_seconds"] / n["iterations"] if n["iterations"] else math.nan
@@ -314,7 +339,7 @@ def summarize(runs: list[Run], baseline: str = "ppo", metric: str = "pass@1") ->
         groups.setdefault(r.algo, []).append(r)
     names = sorted(groups, key=lambda a: (a != baseline, a))
     nums = {a: [per_run[str(r.path)] for r in groups[a]] for a in names}
-    warnings = [f"{r.path} has no test evaluation yet: left out" for r in runs if r not in usable]
+    warnings = [f"{r.name} ({r.path.name}) has no test evaluation yet: left out" for r in runs if r not in usable]
     warnings += caveats(groups, baseline)
 
     # Matched train accuracy: levels common to every run of every strategy.
@@ -335,16 +360,30 @@ def summarize(runs: list[Run], baseline: str = "ppo", metric: str = "pass@1") ->
         if t_base == 0:
             warnings.append(f"{baseline}'s best mean test accuracy is its starting accuracy (training never improved on it): no speed-up to measure")
 
+    # The same on the FLOPs axis, over the runs that count FLOPs (its own target: the max of the baseline's mean curve there).
+    flop_curves = {a: mean_curve(c) for a in names
+                   if (c := [(n["flops"], n["test"]) for n in nums[a] if np.isfinite(n["flops"]).all()])}
+    flop_train_curves = {a: mean_curve(c) for a in names
+                         if (c := [(n["flops"], n["train"]) for n in nums[a] if np.isfinite(n["flops"]).all() and np.isfinite(n["train"]).all()])}
+    flop_target = f_base = math.nan
+    if baseline in flop_curves:
+        grid, mean, _ = flop_curves[baseline]
+        flop_target = float(mean.max())
+        f_base = time_to_reach(grid, mean, flop_target)
+
     strategies = {}
     for a in names:
         ns = nums[a]
         s: dict = {"runs": len(ns), "seeds": [r.seed for r in groups[a]], "status": sorted(r.status for r in groups[a])}
         for key in ("iterations", "episodes", "train_seconds", "final_test", "best_test", "final_train", "final_ood_test",
-                    "best_ood_test", "s_per_iteration", "tokens_policy", "tokens_mc"):
+                    "best_ood_test", "s_per_iteration", "tokens_policy", "tokens_mc", "initial_test", "initial_train",
+                    "test_gain", "train_gain", "flops_total"):
             s[key] = mean_ci([n[key] for n in ns])
         s["peak_rss_mb"] = max((n["peak_rss_mb"] for n in ns if np.isfinite(n["peak_rss_mb"])), default=math.nan)
         stage_names = sorted({k for n in ns for k in n["stage_seconds"]}, key=_stage_key)
         s["stage_seconds"] = {k: mean_ci([n["stage_seconds"].get(k, math.nan) for n in ns])[0] for k in stage_names}
+        s["stage_gflops"] = {k: mean_ci([n["stage_gflops"].get(k, math.nan) for n in ns])[0]
+                             for k in sorted({k for n in ns for k in n["stage_gflops"]}, key=_stage_key)}
         # generalization
         at_levels = np.array([[first_crossing(x, y, lv) for lv in levels] for x, y in curves[a]]) if len(levels) else np.zeros((0, 0))
         s["test_at_train"] = [mean_ci(at_levels[:, j]) for j in range(len(levels))]
@@ -355,6 +394,12 @@ def summarize(runs: list[Run], baseline: str = "ppo", metric: str = "pass@1") ->
         s["time_to_target"] = t
         s["speedup"] = t_base / t if t > 0 and t_base > 0 else math.nan
         s["seeds_reaching_target"] = sum(bool((n["test"] >= target - 1e-12).any()) for n in ns) if np.isfinite(target) else 0
+        f = time_to_reach(*flop_curves[a][:2], flop_target) if a in flop_curves and np.isfinite(flop_target) else math.nan
+        s["flops_to_target"] = f
+        s["flop_speedup"] = f_base / f if f > 0 and f_base > 0 else math.nan
+        # paired with the baseline, seed by seed
+        s["paired_vs_baseline"] = paired_differences(groups[a], ns, groups.get(baseline, []), nums.get(baseline, [])) \
+            if baseline in groups and a != baseline else None
         # Welch against the baseline
         for key in ("final_test", "best_test"):
             if baseline in groups and a != baseline:
@@ -370,6 +415,8 @@ def summarize(runs: list[Run], baseline: str = "ppo", metric: str = "pass@1") ->
         "confidence": CONFIDENCE,
         "baseline_target": target,
         "baseline_time_to_target": t_base,
+        "baseline_flop_target": flop_target,
+        "baseline_flops_to_target": f_base,
         "matched_train_levels": [float(v) for v in levels],
         "stated_budgets": sorted({stated_budget(r.info.get("budget")) for r in usable}),
         "strategies": strategies,
@@ -379,13 +426,41 @@ def summarize(runs: list[Run], baseline: str = "ppo", metric: str = "pass@1") ->
         "runs": [
             {"path": str(r.path), "algo": r.algo, "seed": r.seed, "status": r.status, "model": r.info.get("model"),
              "budget": r.info.get("budget"), "command": r.info.get("command"),
-             **{k: per_run[str(r.path)][k] for k in ("iterations", "episodes", "train_seconds", "final_test", "best_test",
-                                                    "final_train", "final_ood_test", "s_per_iteration", "tokens_policy",
-                                                    "tokens_mc", "peak_rss_mb")}}
+             **{k: per_run[str(r.path)][k] for k in ("iterations", "episodes", "train_seconds", "initial_train", "final_train",
+                                                    "initial_test", "final_test", "best_test", "final_ood_test",
+                                                    "s_per_iteration", "tokens_policy", "tokens_mc", "flops_total", "peak_rss_mb")}}
             for r in usable
         ],
-        "_curves": {"time": time_curves, "iterations": iter_curves, "per_run": {a: nums[a] for a in names}, "train": curves},
+        "_curves": {"time": time_curves, "iterations": iter_curves, "per_run": {a: nums[a] for a in names}, "train": curves,
+                    "flops": flop_curves, "flops_train": flop_train_curves},
     }
+
+
+PAIRED_KEYS = ("final_test", "final_train", "test_gain", "train_gain")
+
+
+def paired_differences(runs: list[Run], ns: list[dict], base_runs: list[Run], base_ns: list[dict]) -> dict:
+    """Per key of ``PAIRED_KEYS``: (mean, CI half-width, pairs) of this strategy's value minus the
+    baseline's over the seeds both ran, and the paired t-test's two-sided p (nan under two pairs)."""
+    mine = {str(r.seed): n for r, n in zip(runs, ns)}
+    theirs = {str(r.seed): n for r, n in zip(base_runs, base_ns)}
+    seeds = [seed for seed in mine if seed in theirs]
+    out: dict = {"seeds": seeds}
+    for key in PAIRED_KEYS:
+        diffs = [mine[seed][key] - theirs[seed][key] for seed in seeds]
+        out[key] = mean_ci(diffs)
+        out[f"p_{key}"] = paired_p(diffs)
+    return out
+
+
+def paired_p(diffs) -> float:
+    """Two-sided p of the paired t-test (a one-sample t-test of the differences against 0)."""
+    d = np.asarray([v for v in diffs if v is not None and np.isfinite(v)], dtype=float)
+    if len(d) < 2:
+        return math.nan
+    if np.var(d) == 0:  # scipy divides 0 by 0 here; the answer is plain
+        return 1.0 if d.mean() == 0 else 0.0
+    return float(stats.ttest_1samp(d, 0.0).pvalue)
 
 
 def caveats(groups: dict[str, list[Run]], baseline: str) -> list[str]:
@@ -469,11 +544,18 @@ def _num(v, fmt="{:.2f}") -> str:
     return fmt.format(v) if v is not None and np.isfinite(v) else "–"
 
 
+def _signed_pct(mc) -> str:
+    m, h, _ = mc
+    if not np.isfinite(m):
+        return "–"
+    return f"{100 * m:+.1f} ± {100 * h:.1f}" if np.isfinite(h) else f"{100 * m:+.1f}"
+
+
 def _count(v) -> str:
     v = v[0] if isinstance(v, tuple) else v
     if not np.isfinite(v):
         return "–"
-    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+    for unit, scale in (("P", 1e15), ("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
         if abs(v) >= scale:
             return f"{v / scale:.2f}{unit}"
     return f"{v:.0f}"
@@ -500,6 +582,7 @@ def tables(res: dict) -> list[tuple[str, str, list[str], list[list[str]]]]:
     rows = [[a, _pct(s["final_test"]), _pct(s["best_test"]), _pct(s["final_train"])] + ([_pct(s["final_ood_test"])] if res["has_ood"] else [])
             + [_p(s["welch_final_test"]), _p(s["welch_best_test"])] for a, s in S.items()]
     out.append(("Accuracy", f"Percent, mean ± {res['confidence']:.0%} CI over seeds (Student t). Welch's t-test of each strategy against {base}.", hdr, rows))
+    out.append(gains_table(res))
 
     levels = res["matched_train_levels"]
     about = ("Test accuracy when each run first reached the given train accuracy (linear between evals), levels "
@@ -511,25 +594,68 @@ def tables(res: dict) -> list[tuple[str, str, list[str], list[list[str]]]]:
         hdr, rows = ["strategy", "test at matched train accuracy"], [[a, "no train-accuracy range common to all runs"] for a in S]
     out.append(("Generalization at matched train accuracy", about, hdr, rows))
 
-    hdr = ["strategy", f"time to {base}'s best (s)", f"speed-up vs {base}", "seeds reaching it", "s / iteration", "policy tokens", "MC tokens", "peak RSS (MB)"]
+    has_flops = any(np.isfinite(s["flops_total"][0]) for s in S.values())  # runs from before FLOPs were counted have none
+    flop_target = res["baseline_flop_target"]
+    hdr = ["strategy", f"time to {base}'s best (s)", f"speed-up vs {base}", "seeds reaching it"] + (
+        [f"FLOPs to {base}'s best", f"FLOP speed-up vs {base}", "train FLOPs"] if has_flops else []) + [
+        "s / iteration", "policy tokens", "MC tokens", "peak RSS (MB)"]
     rows = [[a, _num(s["time_to_target"], "{:.0f}") if np.isfinite(s["time_to_target"]) or not np.isfinite(res["baseline_target"]) else "not reached",
-             _num(s["speedup"], "{:.2f}×"), f"{s['seeds_reaching_target']}/{s['runs']}",
-             _num(s["s_per_iteration"], "{:.2f}"), _count(s["tokens_policy"]), _count(s["tokens_mc"]), _num(s["peak_rss_mb"], "{:.0f}")]
+             _num(s["speedup"], "{:.2f}×"), f"{s['seeds_reaching_target']}/{s['runs']}"]
+            + ([_count(s["flops_to_target"]) if np.isfinite(s["flops_to_target"]) or not np.isfinite(flop_target) else "not reached",
+                _num(s["flop_speedup"], "{:.2f}×"), _count(s["flops_total"])] if has_flops else [])
+            + [_num(s["s_per_iteration"], "{:.2f}"), _count(s["tokens_policy"]), _count(s["tokens_mc"]), _num(s["peak_rss_mb"], "{:.0f}")]
             for a, s in S.items()]
     target = res["baseline_target"]
     note = (f"{base}'s best = max of its mean test-accuracy curve over train seconds = {_pct((target, math.nan, 1))}; "
             "a strategy's time is where its own mean curve first reaches it. Tokens are per run (mean over seeds)."
             if np.isfinite(target) else f"No {base} runs: no speed target.")
+    if has_flops:
+        note += (" FLOPs are estimated (2·N per token position forward, 6·N forward + backward, N the model's parameters; "
+                 "`flops/total`), training only, per run (mean over seeds)"
+                 + (f"; on the FLOPs axis {base}'s best is the max of its mean curve over FLOPs = {_pct((flop_target, math.nan, 1))}."
+                    if np.isfinite(flop_target) else "."))
     out.append(("Speed and cost", note, hdr, rows))
 
     stages = sorted({k for s in S.values() for k in s["stage_seconds"]}, key=_stage_key)
     if stages:
         hdr = ["strategy"] + [f"{k} (s)" for k in stages] + ["sum of stages (s)", "total s / iteration"]
-        rows = [[a] + [_num(s["stage_seconds"].get(k, math.nan), "{:.3f}") for k in stages]
+        def cell(s, k):
+            seconds, gflops = _num(s["stage_seconds"].get(k, math.nan), "{:.3f}"), s["stage_gflops"].get(k, math.nan)
+            return f"{seconds} ({gflops:,.0f})" if gflops >= 100 else f"{seconds} ({gflops:.3g})" if np.isfinite(gflops) else seconds
+
+        rows = [[a] + [cell(s, k) for k in stages]
                 + [_num(sum(v for v in s["stage_seconds"].values() if np.isfinite(v)), "{:.3f}"), _num(s["s_per_iteration"], "{:.3f}")]
                 for a, s in S.items()]
-        out.append(("Seconds per iteration by stage", "Mean over iterations, then over seeds (`time/<stage>` in train records).", hdr, rows))
+        note = "Mean over iterations, then over seeds (`time/<stage>` in train records)."
+        if any(s["stage_gflops"] for s in S.values()):
+            note += (" In parentheses: effective GFLOP/s of the stages that run a model, the stage's estimated FLOPs over its "
+                     "seconds (`flops/<stage>`), mean over seeds.")
+        out.append(("Seconds per iteration by stage", note, hdr, rows))
     return out
+
+
+def gains_table(res: dict) -> tuple[str, str, list[str], list[list[str]]]:
+    """Each strategy's gains over its own start, and its paired differences with the baseline."""
+    S, base, m = res["strategies"], res["baseline"], res["metric"]
+
+    def start_end(s, split):
+        return f"{_num(100 * s[f'initial_{split}'][0], '{:.1f}')} → {_num(100 * s[f'final_{split}'][0], '{:.1f}')}"
+
+    def paired(s, key):
+        p = s["paired_vs_baseline"]
+        if p is None:
+            return ["–", "–"]
+        return [f"{_signed_pct(p[key])} (n={p[key][2]})", _num(p[f"p_{key}"], "{:.3g}")]
+
+    hdr = ["strategy", f"train {m}: first → last", "train gain", f"test {m}: first → last", "test gain",
+           f"final test − {base} (paired)", "p (test)", f"final train − {base} (paired)", "p (train)"]
+    rows = [[a, start_end(s, "train"), _signed_pct(s["train_gain"]), start_end(s, "test"), _signed_pct(s["test_gain"])]
+            + paired(s, "final_test") + paired(s, "final_train") for a, s in S.items()]
+    note = (f"Percentage points. Gain: a run's last evaluation minus its first, mean ± {res['confidence']:.0%} CI over seeds "
+            f"(Student t). Every evaluation samples the same problems with the same seeds, for every strategy with the same "
+            f"seed, so a strategy and {base} are compared seed by seed: the paired difference is the mean ± CI over the seeds "
+            "both ran of this strategy's final accuracy minus the baseline's, p its paired t-test.")
+    return "Gains", note, hdr, rows
 
 
 def _md_table(header, rows) -> str:
@@ -600,6 +726,18 @@ def make_plots(res: dict, out: Path) -> list[str]:
     figs["test_vs_train"] = fig
 
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    band(ax, "flops", "estimated training FLOPs")
+    for a, (grid, mean, _) in C["flops_train"].items():  # train accuracy dashed beside test, same colour
+        ax.plot(grid, 100 * mean, color=colors[a], ls="--", lw=1.0, label=f"{a} train")
+    if np.isfinite(res["baseline_flop_target"]):
+        ax.axhline(100 * res["baseline_flop_target"], color="gray", ls=":", lw=0.8, label=f"{base}'s best (test)")
+    if not C["flops"]:
+        ax.text(0.5, 0.5, "no run records FLOPs", ha="center", transform=ax.transAxes)
+    ax.set_ylabel(f"{m} (%): test solid, train dashed")
+    ax.set_title(f"Accuracy vs FLOPs (mean, test {res['confidence']:.0%} CI)")
+    figs["acc_vs_flops"] = fig
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
     for a, ns in C["per_run"].items():
         for i, n in enumerate(ns):
             ok = np.isfinite(n["kl"])
@@ -611,7 +749,8 @@ def make_plots(res: dict, out: Path) -> list[str]:
 
     for name, fig in figs.items():
         fig.axes[0].grid(alpha=0.3)
-        fig.axes[0].legend(fontsize=8)
+        if fig.axes[0].get_legend_handles_labels()[0]:  # e.g. acc_vs_flops over runs that predate FLOPs: nothing to name
+            fig.axes[0].legend(fontsize=8)
         fig.tight_layout()
         fig.savefig(out / f"{name}.png", dpi=120)
         fig.savefig(out / f"{name}.svg")
@@ -696,6 +835,14 @@ def _csv_rows(res: dict) -> tuple[list[str], list[list]]:
                "welch_t_final", "welch_p_final", "welch_t_best", "welch_p_best"]
     stages = sorted({k for s in res["strategies"].values() for k in s["stage_seconds"]}, key=_stage_key)
     header += [f"time_{k}_s_per_iteration" for k in stages]
+    gain_keys = ("initial_train", "initial_test", "train_gain", "test_gain", "flops_total")
+    for k in gain_keys:
+        header += [f"{k}_mean", f"{k}_ci95"]
+    header += ["flops_to_baseline_best", "flop_speedup_vs_baseline"]
+    for k in PAIRED_KEYS:
+        header += [f"paired_{k}_diff_mean", f"paired_{k}_diff_ci95", f"paired_{k}_diff_n", f"paired_{k}_diff_p"]
+    flop_stages = sorted({k for s in res["strategies"].values() for k in s["stage_gflops"]}, key=_stage_key)
+    header += [f"gflops_per_s_{k}" for k in flop_stages]
     rows = []
     for a, s in res["strategies"].items():
         row = [a, s["runs"]]
@@ -706,6 +853,13 @@ def _csv_rows(res: dict) -> tuple[list[str], list[list]]:
         row += [s["time_to_target"], s["speedup"], s["seeds_reaching_target"], s["peak_rss_mb"],
                 s["welch_final_test"][0], s["welch_final_test"][1], s["welch_best_test"][0], s["welch_best_test"][1]]
         row += [s["stage_seconds"].get(k, math.nan) for k in stages]
+        for k in gain_keys:
+            row += [s[k][0], s[k][1]]
+        row += [s["flops_to_target"], s["flop_speedup"]]
+        paired = s["paired_vs_baseline"]
+        for k in PAIRED_KEYS:
+            row += [paired[k][0], paired[k][1], paired[k][2], paired[f"p_{k}"]] if paired else ["", "", "", ""]
+        row += [s["stage_gflops"].get(k, math.nan) for k in flop_stages]
         rows.append(["" if isinstance(v, float) and not np.isfinite(v) else (f"{v:.6g}" if isinstance(v, float) else v) for v in row])
     return header, rows
 
@@ -716,6 +870,12 @@ def write_leaderboard(runs: list[Run], out: Path, command: str = "", baseline: s
     returns the results (as written to results.json)."""
     res = summarize(runs, baseline=baseline, metric=metric)
     out = Path(out)
+    # Run folders are written by their path from `out`, never by this machine's absolute path.
+    here = out.resolve()
+    for r in res["runs"]:
+        absolute, r["path"] = str(r["path"]), os.path.relpath(r["path"], here)
+        if r.get("command"):
+            r["command"] = r["command"].replace(str(Path(absolute).resolve()), r["path"]).replace(absolute, r["path"])
     (out / "plots").mkdir(parents=True, exist_ok=True)
     plots = make_plots(res, out / "plots")
     prov = provenance(command)
@@ -752,8 +912,8 @@ def write_leaderboard(runs: list[Run], out: Path, command: str = "", baseline: s
         audit_sections = leaderboard_sections(out / "audit")
         md += [audit_sections[0]]
     md += ["## Runs", "", _md_table(["run", "strategy", "seed", "status"],
-                                    [[os.path.relpath(r["path"], out.resolve()), r["algo"], str(r["seed"]), r["status"]] for r in res["runs"]]), ""]
-    md += ["## Provenance", "", "```", *prov_lines, "```", "",
+                                    [[r["path"], r["algo"], str(r["seed"]), r["status"]] for r in res["runs"]]), ""]
+    md += ["## Provenance", "", "```", *prov_lines, "```", "", "Paths are relative to this folder.",
            "Files: `results.csv` (per strategy), `runs.csv` (per run), `results.json` (everything), `index.html` (this page, self-contained).", ""]
     (out / "README.md").write_text("\n".join(md))
 
@@ -783,8 +943,10 @@ def _md_bold_to_html(text: str) -> str:
 
 
 def leaderboard_command(paths: list[Path], out: Path, baseline: str, metric: str) -> str:
-    """The command line that reproduces a leaderboard (for provenance)."""
-    args = ["rlzoo", "leaderboard", *map(str, paths), "--out", str(out)]
+    """The command line that reproduces a leaderboard (for provenance), as run in its output folder: the
+    run folders by their path from there, so that no machine's folder names are recorded."""
+    here = Path(out).resolve()
+    args = ["rlzoo", "leaderboard", *(os.path.relpath(Path(p).resolve(), here) for p in paths), "--out", "."]
     if baseline != "ppo":
         args += ["--baseline", baseline]
     if metric != "pass@1":

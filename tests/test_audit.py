@@ -2,6 +2,8 @@
 hand-computed values (ties included), a smoke audit on the tiny built-in policy, and one-line errors."""
 
 import json
+import os
+import sys
 
 import numpy as np
 import pytest
@@ -18,6 +20,8 @@ from rlzoo.audit import (
     load_critic,
     mc_values,
     pairwise_ranking,
+    portable_command,
+    shown_path,
     sign_agreement,
 )
 from rlzoo.cli import main
@@ -104,7 +108,7 @@ def test_the_report_joins_the_leaderboard_page(tmp_path):
     from test_leaderboard import write_run_folder
 
     from rlzoo.audit import write_report
-    from rlzoo.leaderboard import find_runs, write_leaderboard
+    from rlzoo.leaderboard import PLOTS, find_runs, write_leaderboard
 
     board = tmp_path / "leaderboard"
     write_report(toy_audit(), board / "audit")
@@ -118,7 +122,7 @@ def test_the_report_joins_the_leaderboard_page(tmp_path):
         write_run_folder(tmp_path / "runs" / algo, algo, 0, {0: (0.4, 0.4), 5: (0.6, 0.5)})
     write_leaderboard(find_runs([tmp_path / "runs"]), board)
     page, readme = (board / "index.html").read_text(), (board / "README.md").read_text()
-    assert "Credit audit" in page and page.count("data:image/png;base64") == 4 + 2  # the leaderboard's plots and the audit's
+    assert "Credit audit" in page and page.count("data:image/png;base64") == len(PLOTS) + 2  # the leaderboard's plots and the audit's
     assert "Credit audit" in readme and "(audit/mae_by_step.png)" in readme
 
 
@@ -175,12 +179,30 @@ def _cli(*args):
     return 0
 
 
+def test_commands_and_paths_are_recorded_from_the_report_folder(tmp_path, monkeypatch):
+    (tmp_path / "runs" / "ppo-seed0").mkdir(parents=True)
+    (tmp_path / "work").mkdir()
+    monkeypatch.chdir(tmp_path / "work")
+    out = tmp_path / "board" / "audit"
+    assert shown_path(str(tmp_path / "runs" / "ppo-seed0"), out) == "../../runs/ppo-seed0"
+    assert shown_path("../runs/ppo-seed0", out) == "../../runs/ppo-seed0"  # relative to where it was given
+    assert shown_path("default", out) == "default" and shown_path("org/model-on-the-hub", out) == "org/model-on-the-hub"
+    command = f"rlzoo audit --critic {tmp_path}/runs/ppo-seed0 --task arith --out {out} --set vineppo.k=9"
+    assert portable_command(command, out) == "rlzoo audit --critic ../../runs/ppo-seed0 --task arith --out . --set vineppo.k=9"
+    assert portable_command(f"rlzoo audit --policy=../runs/ppo-seed0 --out={out}", out) == \
+        "rlzoo audit --policy=../../runs/ppo-seed0 --out=."
+
+
 @pytest.mark.slow  # 6 s on an idle 2-core machine, about a minute when it is shared
-def test_smoke_audit_on_the_tiny_policy_writes_table_plots_and_json(tiny_policy_path, tmp_path):
+def test_smoke_audit_on_the_tiny_policy_writes_table_plots_and_json(tiny_policy_path, tmp_path, monkeypatch):
+    from test_leaderboard import write_run_folder
+
     out = tmp_path / "leaderboard" / "audit"
     sets = [x for b in SMALL for x in ("--set", b)]
-    code = _cli("audit", "--policy", tiny_policy_path, "--problems", 2, "--truth-samples", 4, "--alternatives", 2, "--k", 2,
-                "--critic-iterations", 1, "--out", out, *sets)
+    args = ["audit", "--policy", tiny_policy_path, "--problems", 2, "--truth-samples", 4, "--alternatives", 2, "--k", 2,
+            "--critic-iterations", 1, "--out", out, *sets]
+    monkeypatch.setattr(sys, "argv", ["rlzoo", *map(str, args)])  # the command line the report's provenance records
+    code = _cli(*args)
     assert code == 0
     result = json.loads((out / "audit.json").read_text())
     assert list(result["strategies"]) == ["ppo", "vineppo", "grpo", "rloo"]
@@ -198,8 +220,25 @@ def test_smoke_audit_on_the_tiny_policy_writes_table_plots_and_json(tiny_policy_
     assert _cli("audit", "--algos", "ppo", "--critic", out / "critic-ppo-1it", "--problems", 1, "--truth-samples", 2,
                 "--alternatives", 2, "--out", again, *sets) == 0
     result = json.loads((again / "audit.json").read_text())
-    assert result["policy"] == str(out / "critic-ppo-1it") and result["critic"]["trained_here"] is False
-    assert "critic-ppo-1it/checkpoints/iter_000001/policy" in result["policy_loaded"]
+    assert result["policy"] == "../leaderboard/audit/critic-ppo-1it" and result["critic"]["trained_here"] is False
+    assert result["policy_loaded"] == "../leaderboard/audit/critic-ppo-1it/checkpoints/iter_000001/policy"
+    assert result["critic"]["checkpoint"] == "../leaderboard/audit/critic-ppo-1it/checkpoints/iter_000001"
+
+    # No machine paths in what gets committed: the audit, and the leaderboard page it joins
+    for algo in ("ppo", "grpo"):
+        write_run_folder(tmp_path / "runs" / algo, algo, 0, {0: (0.4, 0.4), 5: (0.6, 0.5)})
+    assert _cli("leaderboard", tmp_path / "runs", "--out", tmp_path / "leaderboard") == 0
+    written = [p for folder in (tmp_path / "leaderboard", again) for p in folder.rglob("*")
+               if p.suffix in (".md", ".json", ".csv", ".html")]
+    assert {"audit.json", "audit.md", "README.md", "index.html", "results.json", "runs.csv"} <= {p.name for p in written}
+    for p in written:
+        assert str(tmp_path) not in p.read_text(), p
+    provenance = json.loads((out / "audit.json").read_text())["provenance"]["command"]
+    assert f"--policy {shown_path(str(tiny_policy_path), out)} " in provenance and "--out . " in provenance
+    # the leaderboard one folder up names the policy by its path from there
+    from_board = os.path.relpath(tiny_policy_path.resolve(), (tmp_path / "leaderboard").resolve())
+    assert f"Credit audit — arith, policy {from_board}" in \
+        (tmp_path / "leaderboard" / "README.md").read_text()
 
 
 def test_critic_values_of_prefixes_equal_the_critics_values_inside_whole_rows(tiny_policy_path, tmp_path):

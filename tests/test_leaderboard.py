@@ -1,6 +1,7 @@
 """The leaderboard on run folders written to disk: statistics against textbook numbers, the
 matched-train-accuracy rule on synthetic curves, every output file, and one-line errors for bad input."""
 
+import csv
 import json
 import math
 import platform
@@ -21,24 +22,29 @@ from rlzoo.leaderboard import (
     mean_ci,
     seeds_to_separate,
     summarize,
+    tables,
     welch,
 )
 from rlzoo.runs import append_jsonl, write_run
 
 
-def write_run_folder(run_dir, algo, seed, evals, task="arith", status="finished", s_per_iter=1.0, mc_tokens=0, ood=None):
+def write_run_folder(run_dir, algo, seed, evals, task="arith", status="finished", s_per_iter=1.0, mc_tokens=0, ood=None,
+                     flops_per_iter=None):
     """A run folder as ``rlzoo train`` writes it: evals = {iteration: (train_acc, test_acc)}, evaluated
     before the update of that iteration; one train record per update with per-iteration stage seconds and
-    cumulative tokens. ``ood``: {iteration: ood_test_acc}."""
+    cumulative tokens. ``ood``: {iteration: ood_test_acc}. ``flops_per_iter``: FLOPs of an update (60% in
+    generation, 40% in the update stage), cumulative ``flops/total`` on every record; None: a run from
+    before FLOPs were counted."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True)
     iterations = max(evals)
     write_run(run_dir, {"format": 1, "algo": algo, "task": task, "model": "default", "seed": seed,
                         "budget": {"iterations": iterations, "episodes": 0, "seconds": 0.0}, "rlzoo_version": "0.1.0",
-                        "command": f"rlzoo train --algo {algo} --seed {seed}", "started": "2026-01-01T00:00:00+0000",
-                        "status": status})
+                        "command": f"rlzoo train --algo {algo} --seed {seed} --out {run_dir.resolve()}",
+                        "started": "2026-01-01T00:00:00+0000", "status": status})
+    flops = lambda done: {} if flops_per_iter is None else {"flops/total": flops_per_iter * done}  # noqa: E731
     for it in range(iterations + 1):
-        common = {"iteration": it, "episodes": 64 * it, "time/train_total": s_per_iter * it}
+        common = {"iteration": it, "episodes": 64 * it, "time/train_total": s_per_iter * it, **flops(it)}
         if it in evals:
             train_acc, test_acc = evals[it]
             record = {"kind": "eval", **common, "eval/train/pass@1": train_acc, "eval/test/pass@1": test_acc, "time/eval": 0.5}
@@ -51,7 +57,8 @@ def write_run_folder(run_dir, algo, seed, evals, task="arith", status="finished"
                 "kind": "train", "iteration": done, "episodes": 64 * done, "time/train_total": s_per_iter * done,
                 "reward/mean": 0.5, "time/generation": 0.6 * s_per_iter, "time/update": 0.4 * s_per_iter,
                 "time/iteration": s_per_iter, "tokens/policy": 1000 * done, "tokens/mc": mc_tokens * done,
-                "kl/ref": 0.01 * done, "memory/peak_rss_mb": 300.0 + seed})
+                "kl/ref": 0.01 * done, "memory/peak_rss_mb": 300.0 + seed, **flops(done),
+                **({} if flops_per_iter is None else {"flops/generation": 0.6 * flops_per_iter, "flops/update": 0.4 * flops_per_iter})})
     return run_dir
 
 
@@ -160,6 +167,88 @@ def test_time_to_the_baselines_best_and_speed_up(tmp_path):
     assert S["ppo"]["peak_rss_mb"] == 301.0
 
 
+def test_flops_to_the_baselines_best_and_effective_gflops(tmp_path):
+    # The same curve per iteration for both; ppo's iterations cost 10 GFLOP in 1 s, grpo's 4 GFLOP in 2 s (a busy
+    # machine): by wall-clock grpo is slower, by FLOPs it reaches ppo's best (0.5, at iteration 10) 2.5x cheaper.
+    curve = {it: (0.5, 0.3 + 0.02 * it) for it in range(0, 11, 2)}
+    for seed in (0, 1):
+        write_run_folder(tmp_path / f"ppo{seed}", "ppo", seed, curve, s_per_iter=1.0, flops_per_iter=10e9)
+        write_run_folder(tmp_path / f"grpo{seed}", "grpo", seed, curve, s_per_iter=2.0, flops_per_iter=4e9)
+    write_run_folder(tmp_path / "old", "rloo", 0, curve)  # from before FLOPs were counted: left out of FLOPs numbers
+    res = summarize(find_runs([tmp_path]))
+    S = res["strategies"]
+    assert res["baseline_flop_target"] == pytest.approx(0.5)
+    assert S["ppo"]["flops_to_target"] == pytest.approx(100e9) and S["grpo"]["flops_to_target"] == pytest.approx(40e9)
+    assert S["grpo"]["flop_speedup"] == pytest.approx(2.5) and S["grpo"]["speedup"] == pytest.approx(0.5)
+    assert S["grpo"]["flops_total"][0] == pytest.approx(40e9) and math.isnan(S["rloo"]["flops_total"][0])
+    assert math.isnan(S["rloo"]["flops_to_target"]) and "rloo" not in res["_curves"]["flops"]
+    # effective GFLOP/s: a stage's FLOPs over its seconds (generation: 60% of the FLOPs in 60% of the time)
+    assert S["ppo"]["stage_gflops"] == {"generation": pytest.approx(10.0), "update": pytest.approx(10.0)}
+    assert S["grpo"]["stage_gflops"] == {"generation": pytest.approx(2.0), "update": pytest.approx(2.0)}
+    assert S["rloo"]["stage_gflops"] == {}
+    stage_table = next(rows for name, _, _, rows in tables(res) if name == "Seconds per iteration by stage")
+    assert stage_table[0][1] == "0.600 (10)" and stage_table[1][1] == "1.200 (2)"  # ppo, grpo: seconds (GFLOP/s)
+
+
+def test_gains_and_paired_differences_against_scipy(tmp_path):
+    # Each seed starts where that seed's evaluation puts the shared policy (paired evaluation: the same for every
+    # strategy); grpo has seeds 0-2, ppo 0-3: the pairs are seeds 0-2.
+    start = {0: (0.40, 0.45), 1: (0.50, 0.41), 2: (0.46, 0.50), 3: (0.44, 0.44)}
+    final = {"ppo": {0: (0.55, 0.47), 1: (0.61, 0.40), 2: (0.58, 0.52), 3: (0.50, 0.43)},
+             "grpo": {0: (0.70, 0.50), 1: (0.66, 0.47), 2: (0.75, 0.52)}}
+    for algo, ends in final.items():
+        for seed, end in ends.items():
+            write_run_folder(tmp_path / "runs" / f"{algo}-seed{seed}", algo, seed, {0: start[seed], 5: (0.5, 0.45), 10: end})
+    main(["leaderboard", str(tmp_path / "runs"), "--out", str(tmp_path / "board")])
+    res = json.loads((tmp_path / "board" / "results.json").read_text())
+    S = res["strategies"]
+
+    def t_interval(x):  # scipy's, to check mean_ci's
+        x = np.asarray(x, dtype=float)
+        lo, hi = stats.t.interval(0.95, len(x) - 1, loc=x.mean(), scale=stats.sem(x))
+        return x.mean(), (hi - lo) / 2
+
+    for algo, ends in final.items():
+        for key, i in (("train_gain", 0), ("test_gain", 1)):
+            mean, half = t_interval([ends[seed][i] - start[seed][i] for seed in ends])
+            assert S[algo][key][:2] == [pytest.approx(mean), pytest.approx(half)] and S[algo][key][2] == len(ends)
+    paired = S["grpo"]["paired_vs_baseline"]
+    assert paired["seeds"] == ["0", "1", "2"] and S["ppo"]["paired_vs_baseline"] is None
+    for key, i in (("final_test", 1), ("final_train", 0)):
+        grpo, ppo = [final["grpo"][seed][i] for seed in range(3)], [final["ppo"][seed][i] for seed in range(3)]
+        mean, half = t_interval(np.subtract(grpo, ppo))
+        assert paired[key][:2] == [pytest.approx(mean), pytest.approx(half)] and paired[key][2] == 3
+        assert paired[f"p_{key}"] == pytest.approx(stats.ttest_rel(grpo, ppo).pvalue)
+
+    # runs.csv: first and last evaluation of each run, on the train subset and the test split
+    with open(tmp_path / "board" / "runs.csv") as f:
+        rows = {(r["algo"], int(r["seed"])): r for r in csv.DictReader(f)}
+    assert len(rows) == 7
+    for (algo, seed), r in rows.items():
+        assert [float(r[k]) for k in ("initial_train", "initial_test", "final_train", "final_test")] == [
+            *start[seed], *final[algo][seed]]
+    readme = (tmp_path / "board" / "README.md").read_text()
+    assert "## Gains" in readme and "final test − ppo (paired)" in readme
+    gains_row = next(line for line in readme.splitlines() if line.startswith("| grpo |") and "→" in line)
+    assert f"{100 * paired['final_test'][0]:+.1f} ± {100 * paired['final_test'][1]:.1f} (n=3)" in gains_row
+
+
+def test_leaderboard_records_no_machine_paths(tmp_path, monkeypatch):
+    _bench_like_runs(tmp_path)  # run.json commands name their absolute run folders, as `rlzoo train` records them
+    (tmp_path / "work").mkdir()
+    monkeypatch.chdir(tmp_path / "work")  # paths given both ways: absolute runs, relative output
+    main(["leaderboard", str(tmp_path / "runs"), "--out", "../board"])
+    board = tmp_path / "board"
+    written = [p for p in board.rglob("*") if p.suffix in (".md", ".json", ".csv", ".html")]
+    assert {p.name for p in written} >= {"README.md", "results.json", "results.csv", "runs.csv", "index.html"}
+    for p in written:
+        assert str(tmp_path) not in p.read_text(), p
+    readme = (board / "README.md").read_text()
+    assert "| ../runs/ppo-seed0 | ppo | 0 | finished |" in readme and "command: rlzoo leaderboard ../runs --out ." in readme
+    runs_ = json.loads((board / "results.json").read_text())["runs"]
+    assert runs_[0]["path"].startswith("../runs/") and runs_[0]["command"].endswith(f"--out {runs_[0]['path']}")
+
+
 # -------------------------------------------------------------------------------------------- end to end
 
 
@@ -183,7 +272,7 @@ def test_leaderboard_end_to_end_writes_every_table_plot_and_the_html_page(tmp_pa
     assert "leaderboard of 9 runs" in capsys.readouterr().out
 
     readme = (out / "README.md").read_text()
-    for section in ("## Budget", "## Accuracy", "## Generalization at matched train accuracy", "## Speed and cost",
+    for section in ("## Budget", "## Accuracy", "## Gains", "## Generalization at matched train accuracy", "## Speed and cost",
                     "## Seconds per iteration by stage", "## Plots", "## Runs", "## Provenance"):
         assert section in readme
     for fact in ("command: rlzoo leaderboard", "git_commit:", "date:", "machine:", "cores", "rlzoo_version: 0.1.0",
@@ -196,7 +285,7 @@ def test_leaderboard_end_to_end_writes_every_table_plot_and_the_html_page(tmp_pa
     assert "**vineppo**" in readme and "ahead of" in readme  # the clear winner is called one
 
     page = (out / "index.html").read_text()
-    assert page.count("data:image/png;base64,") == len(PLOTS) and page.count("<table>") == 5
+    assert page.count("data:image/png;base64,") == len(PLOTS) and page.count("<table>") == 6
     assert 'src="plots/' not in page and "href=" not in page  # self-contained
 
     res = json.loads((out / "results.json").read_text())
