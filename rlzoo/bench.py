@@ -11,10 +11,19 @@ The bench folder::
       bench.json                the plan; a different plan on the same OUT is refused. "sessions" logs each invocation
       runs/<algo>-seed<s>/      run folders, as rlzoo/runs.py documents them
       logs/<algo>-seed<s>.log   each run's stdout and stderr (appended across resumes)
+      tune/<algo>/<setting>/seed<k>/   with --sweep: the tuning runs (logs under logs/tune/...)
       leaderboard/              rlzoo.leaderboard's output over the runs (or --leaderboard DIR)
 
 Wall-clock is a measure the leaderboard compares, so runs that share the machine (``--jobs`` > 1) each get
-cores // jobs threads, and the thread count is logged in bench.json.
+cores // jobs threads, and the thread count is logged in bench.json. The built-in base policy, if the plan
+uses it, is built (or found cached) by the bench itself, on every core (``build_threads``), before any run
+starts: the runs only load it.
+
+A tuning sweep (``--sweep train.lr=1e-5,3e-5,1e-4``, repeatable: the grid is the cartesian product) gives every
+strategy the same grid and the same tuning seeds (counted from TUNE_SEED_BASE, never an evaluation seed). Each
+(strategy, setting, tuning seed) is an ordinary run folder under tune/; a strategy's pick is the setting with the
+best final *train* accuracy (rlzoo.leaderboard.summarize_tuning: never test accuracy), re-derived from those
+folders on every invocation, and its evaluation runs under runs/ are the plan's runs plus the picked bindings.
 """
 
 from __future__ import annotations
@@ -22,8 +31,10 @@ from __future__ import annotations
 import ctypes
 import fcntl
 import hashlib
+import itertools
 import json
 import os
+import re
 import shlex
 import signal
 import subprocess
@@ -40,6 +51,9 @@ from rlzoo.runs import read_run
 DEFAULT_POLICY_TASKS = ("arith",)  # the built-in default policy is pretrained on these tasks only
 BUDGET_KINDS = ("iterations", "episodes", "seconds")
 POLL_SECONDS = 0.5
+TUNE_SEED_BASE = 1000  # tuning seeds are 1000, 1001, ...: a pick is never judged on the seeds that evaluate it
+BENCH_BINDINGS = ("train.algo", "train.task", "train.model", "train.seed")  # the bench sets these per run
+BUDGET_BINDINGS = ("train.iterations", "train.max_episodes", "train.max_seconds")  # --budget sets these, over any --set
 
 
 # --------------------------------------------------------------------------------------------------
@@ -57,19 +71,24 @@ class BenchPlan:
     config_sha256: tuple[str, ...]  # their contents: an edited file is a different plan
     bindings: tuple[str, ...]  # --set key=value, in order
     launcher: tuple[str, ...] = ()  # what runs "rlzoo.cli train ..." (default: this python -m); e.g. torchrun --nproc_per_node 4 -m
+    sweep: tuple[tuple[str, tuple[str, ...]], ...] = ()  # (binding, its values) per --sweep; the grid is their product
+    tune_seeds: int = 0  # tuning runs per (strategy, setting); 0 without a sweep
 
     def as_dict(self) -> dict:
         out = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
-        return out if self.launcher else {k: v for k, v in out.items() if k != "launcher"}  # plans from before launchers read the same
+        out["sweep"] = [[name, list(values)] for name, values in self.sweep]  # as bench.json holds it, so a resume compares equal
+        # Plans from before launchers and sweeps read the same.
+        return {k: v for k, v in out.items() if v or k not in ("launcher", "sweep", "tune_seeds")}
 
 
 @dataclass
 class PlannedRun:
-    name: str  # "<algo>-seed<seed>"
+    name: str  # "<algo>-seed<seed>", or "tune/<algo>/<setting>/seed<k>" for a tuning run
     algo: str
     seed: int
     run_dir: Path
     command: list[str]  # the same command starts and resumes the run
+    setting: tuple[str, ...] = ()  # the sweep's bindings this run adds to the plan's ("train.lr=3e-5", ...)
 
 
 def parse_budget(text: str | None) -> str | None:
@@ -91,8 +110,82 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+def _split_values(text: str) -> list[str]:
+    """``text`` split at the commas outside brackets and quotes, so that a value may be a tuple or a list:
+    ``(0.9, 0.99),(0.9, 0.999)`` is two values."""
+    parts, depth, quote, start = [], 0, None, 0
+    for i, ch in enumerate(text):
+        if quote:
+            quote = None if ch == quote else quote
+        elif ch in "'\"":
+            quote = ch
+        elif ch in "([{":
+            depth += 1
+        elif ch in ")]}":
+            depth -= 1
+        elif ch == "," and depth == 0:
+            parts.append(text[start:i])
+            start = i + 1
+    return [part.strip() for part in [*parts, text[start:]]]
+
+
+def parse_sweep(options: list[str], configs: list[str | Path] = (), bindings: list[str] = (), budget: str | None = None
+                ) -> tuple[tuple[str, tuple[str, ...]], ...]:
+    """``--sweep binding=v1,v2,...`` options -> ((binding, (v1, v2, ...)), ...). Every value is checked the way
+    ``--set binding=value`` is (gin, over ``configs`` and ``bindings``); each mistake is a one-line UserError."""
+    from rlzoo.config import apply_gin
+
+    example = "e.g. --sweep train.lr=1e-5,3e-5,1e-4"
+    sweep: list[tuple[str, tuple[str, ...]]] = []
+    set_names = {b.partition("=")[0].strip() for b in bindings}
+    for option in options:
+        name, eq, text = option.partition("=")
+        name = name.strip()
+        values = _split_values(text) if eq else []
+        if not name or not eq:
+            raise UserError(f"bad --sweep {option!r}; expected binding=value,value,..., {example}")
+        if values == [""]:
+            raise UserError(f"--sweep {option!r} gives {name} an empty grid; list its values, {example}")
+        if "" in values:
+            raise UserError(f"--sweep {option!r} has an empty value; separate the values with single commas, {example}")
+        if len(set(values)) < len(values):
+            raise UserError(f"--sweep {option!r} lists a value twice; list each once")
+        if name in (n for n, _ in sweep):
+            raise UserError(f"--sweep names {name} twice; give all its values in one --sweep {name}=v1,v2,...")
+        if name in BENCH_BINDINGS or (budget and name in BUDGET_BINDINGS):
+            raise UserError(f"--sweep {name}: the bench sets {name} itself" + (" (from --budget)" if name in BUDGET_BINDINGS else "")
+                            + "; sweep another binding")
+        if name in set_names:
+            raise UserError(f"{name} is both swept (--sweep) and set (--set); drop one")
+        for value in values:
+            try:
+                apply_gin(configs, [*bindings, f"{name}={value}"])
+            except UserError as e:
+                raise UserError(f"bad --sweep value {name}={value}: {str(e).removeprefix('bad gin binding: ')}") from None
+        sweep.append((name, tuple(values)))
+    return tuple(sweep)
+
+
+def grid(plan: BenchPlan) -> list[tuple[str, ...]]:
+    """The settings of the plan's sweep, each a tuple of bindings ("train.lr=1e-5", ...), in the order given."""
+    if not plan.sweep:
+        return []
+    names = [name for name, _ in plan.sweep]
+    return [tuple(f"{n}={v}" for n, v in zip(names, values)) for values in itertools.product(*(v for _, v in plan.sweep))]
+
+
+def setting_slug(setting: tuple[str, ...]) -> str:
+    """A folder name for a setting: its bindings, readable; a hash suffix where characters had to be replaced."""
+    text = ",".join(setting)
+    slug = re.sub(r"[^A-Za-z0-9._=+,-]", "_", text)
+    if slug != text or len(slug) > 100:
+        slug = f"{slug[:90]}-{hashlib.sha256(text.encode()).hexdigest()[:8]}"
+    return slug
+
+
 def make_plan(algos: str | list[str], task: str, model: str = "default", seeds: int = 3, budget: str | None = None,
-              configs: list[str | Path] = (), bindings: list[str] = (), launcher: str | None = None) -> BenchPlan:
+              configs: list[str | Path] = (), bindings: list[str] = (), launcher: str | None = None,
+              sweep: list[str] = (), tune_seeds: int = 1) -> BenchPlan:
     """Validate the bench options (one-line UserError for each mistake) and return the plan."""
     launch = tuple(shlex.split(launcher)) if launcher else ()
     if launch and launch[-1] not in ("-m", "--module"):
@@ -128,6 +221,12 @@ def make_plan(algos: str | list[str], task: str, model: str = "default", seeds: 
         raise UserError(f"unknown strategy {', '.join(map(repr, unknown))}; known: {', '.join(ESTIMATORS.names())}")
     if task not in TASKS:
         raise UserError(f"unknown task {task!r}; known: {', '.join(TASKS.names())}")
+    if sweep and tune_seeds < 1:
+        raise UserError(f"--tune-seeds {tune_seeds}: need at least 1")
+    from rlzoo.config import apply_gin
+
+    apply_gin(paths, bindings)  # a bad binding stops the bench here, not in every run
+    swept = parse_sweep(sweep, paths, bindings, canonical_budget)
     return BenchPlan(
         algos=tuple(names),
         task=task,
@@ -138,26 +237,52 @@ def make_plan(algos: str | list[str], task: str, model: str = "default", seeds: 
         config_sha256=tuple(_sha256(p) for p in paths),
         bindings=tuple(bindings),
         launcher=launch,
+        sweep=swept,
+        tune_seeds=tune_seeds if swept else 0,
     )
 
 
-def plan_runs(plan: BenchPlan, out: Path) -> list[PlannedRun]:
-    """One run per (strategy, seed), seeds outermost so that with --jobs 1 every strategy gets a seed early."""
+def _planned_run(plan: BenchPlan, name: str, algo: str, seed: int, run_dir: Path, setting: tuple[str, ...] = ()) -> PlannedRun:
+    cmd = [*(plan.launcher or (sys.executable, "-m")), "rlzoo.cli", "train", "--algo", algo, "--task", plan.task, "--model", plan.model,
+           "--seed", str(seed), "--out", str(run_dir)]
+    for c in plan.configs:
+        cmd += ["--config", c]
+    for b in (*plan.bindings, *setting):
+        cmd += ["--set", b]
+    if plan.budget:
+        cmd += ["--budget", plan.budget]
+    return PlannedRun(name, algo, seed, run_dir, cmd, setting)
+
+
+def plan_runs(plan: BenchPlan, out: Path, picks: dict[str, tuple[str, ...]] | None = None) -> list[PlannedRun]:
+    """One run per (strategy, seed), seeds outermost so that with --jobs 1 every strategy gets a seed early.
+    ``picks``: a strategy's tuned setting (bindings added to its runs), once its tuning runs decided it."""
+    out = Path(out).resolve()
+    return [_planned_run(plan, f"{algo}-seed{seed}", algo, seed, out / "runs" / f"{algo}-seed{seed}", (picks or {}).get(algo, ()))
+            for seed in plan.seeds for algo in plan.algos]
+
+
+def plan_tuning_runs(plan: BenchPlan, out: Path) -> list[PlannedRun]:
+    """One run per (strategy, setting of the grid, tuning seed), strategy outermost so that the first strategy's
+    evaluation runs can start while the others still tune."""
     out = Path(out).resolve()
     runs = []
-    for seed in plan.seeds:
-        for algo in plan.algos:
-            run_dir = out / "runs" / f"{algo}-seed{seed}"
-            cmd = [*(plan.launcher or (sys.executable, "-m")), "rlzoo.cli", "train", "--algo", algo, "--task", plan.task, "--model", plan.model,
-                   "--seed", str(seed), "--out", str(run_dir)]
-            for c in plan.configs:
-                cmd += ["--config", c]
-            for b in plan.bindings:
-                cmd += ["--set", b]
-            if plan.budget:
-                cmd += ["--budget", plan.budget]
-            runs.append(PlannedRun(f"{algo}-seed{seed}", algo, seed, run_dir, cmd))
+    for algo in plan.algos:
+        for setting in grid(plan):
+            for seed in range(TUNE_SEED_BASE, TUNE_SEED_BASE + plan.tune_seeds):
+                where = f"{algo}/{setting_slug(setting)}/seed{seed}"
+                runs.append(_planned_run(plan, f"tune/{where}", algo, seed, out / "tune" / where, setting))
     return runs
+
+
+def tuning_results(plan: BenchPlan, out: Path) -> dict:
+    """Every strategy's train score per setting, its pick and the tuning's cost, from the tuning run folders."""
+    from rlzoo.leaderboard import summarize_tuning
+
+    runs: dict[str, dict[tuple[str, ...], list[Path]]] = {}
+    for r in plan_tuning_runs(plan, out):
+        runs.setdefault(r.algo, {}).setdefault(r.setting, []).append(r.run_dir)
+    return summarize_tuning(grid(plan), runs, seeds=list(range(TUNE_SEED_BASE, TUNE_SEED_BASE + plan.tune_seeds)))
 
 
 def check_plan(plan: BenchPlan, out: Path) -> dict:
@@ -171,9 +296,9 @@ def check_plan(plan: BenchPlan, out: Path) -> dict:
     except (OSError, json.JSONDecodeError, KeyError, TypeError):
         raise UserError(f"{path} is not a bench plan; use another --out")
     new = plan.as_dict()
-    changed = [k for k in new if old.get(k) != new[k]]
+    changed = [k for k in dict.fromkeys([*new, *old]) if old.get(k) != new.get(k)]
     if changed:
-        what = "; ".join("config file contents changed" if k == "config_sha256" else f"{k}: {old.get(k)} -> {new[k]}"
+        what = "; ".join("config file contents changed" if k == "config_sha256" else f"{k}: {old.get(k)} -> {new.get(k)}"
                          for k in changed)
         raise UserError(f"{out} holds a bench with another plan ({what}); repeat its options to resume it, or use another --out")
     return saved
@@ -196,6 +321,10 @@ def bench_command(plan: BenchPlan, out: Path, jobs: int, leaderboard: Path | Non
         args += ["--config", show(c)]
     for b in plan.bindings:
         args += ["--set", b]
+    for name, values in plan.sweep:
+        args += ["--sweep", f"{name}={','.join(values)}"]
+    if plan.sweep:
+        args += ["--tune-seeds", str(plan.tune_seeds)]
     if plan.launcher:
         args += ["--launcher", shlex.join(plan.launcher)]
     args += ["--out", show(Path(out).resolve()), "--jobs", str(jobs)]
@@ -375,6 +504,57 @@ def run_bench(plan: BenchPlan, out: Path, jobs: int = 1, leaderboard: Path | Non
         return _run_bench_locked(plan, out, jobs, leaderboard, console)
 
 
+def base_policies(plan: BenchPlan) -> list:
+    """The pretrain configs (rlzoo.policy.PretrainConfig) of the built-in policies the plan's runs start from: one,
+    unless the sweep binds ``pretrain.*``; none when the plan names its own model. Leaves gin's bindings cleared."""
+    if plan.model != "default":
+        return []
+    import gin
+
+    from rlzoo.config import apply_gin
+    from rlzoo.policy import pretrain_config
+
+    configs = {}
+    for setting in [(), *grid(plan)]:
+        apply_gin(plan.configs, [*plan.bindings, *setting])  # what each run's own `rlzoo train` will see
+        cfg = pretrain_config()
+        configs[json.dumps(asdict(cfg), sort_keys=True)] = cfg
+    gin.clear_config()
+    return list(configs.values())
+
+
+def build_threads() -> int:
+    """Threads for building the base policy: every core, unless the user set OMP_NUM_THREADS (as for the runs, their
+    setting wins: on a machine others load, two threads contending for two busy cores trained 4x slower than one)."""
+    try:
+        return max(1, int(os.environ["OMP_NUM_THREADS"]))
+    except (KeyError, ValueError):
+        return os.cpu_count() or 1
+
+
+def build_base_policies(plan: BenchPlan, console) -> None:
+    """Build the plan's built-in policies that are not cached yet, here, on ``build_threads()`` threads, so that the
+    runs only load them: left to the runs, each would build it on its one thread while the other job slots waited."""
+    import torch
+
+    from rlzoo.policy import policy_folder, pretrain
+
+    missing = [cfg for cfg in base_policies(plan) if not (policy_folder(cfg) / "pretrain.json").is_file()]
+    if not missing:
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(build_threads())
+    try:
+        for cfg in missing:
+            console.print(f"building the base policy {policy_folder(cfg)} on {torch.get_num_threads()} threads (once; cached after)")
+            pretrain(cfg)
+    finally:
+        torch.set_num_threads(threads)
+
+
+TUNING_DONE = ("finished", "skipped", "diverged")  # a tuning run in one of these states has its result
+
+
 def _run_bench_locked(plan: BenchPlan, out: Path, jobs: int, leaderboard: Path | None, console) -> BenchResult:
     from rich.console import Console
     from rich.live import Live
@@ -390,32 +570,55 @@ def _run_bench_locked(plan: BenchPlan, out: Path, jobs: int, leaderboard: Path |
     (out / "bench.json").write_text(json.dumps(saved, indent=2))
     (out / "logs").mkdir(exist_ok=True)
 
-    states = [RunState(r, watch=RunWatch(r.run_dir)) for r in plan_runs(plan, out)]
-    for st in states:
+    # Tuning runs first; a strategy's evaluation runs wait for its tuning runs, which decide their setting.
+    tuning = [RunState(r, watch=RunWatch(r.run_dir)) for r in plan_tuning_runs(plan, out)]
+    finals = [RunState(r, watch=RunWatch(r.run_dir)) for r in plan_runs(plan, out)]
+    states = tuning + finals
+    for st in tuning:
+        status = read_run(st.run.run_dir).get("status")
+        # A diverged tuning run (train recorded the failure) is a result: its setting is out of the running.
+        st.state = {"finished": "skipped", "failed": "diverged"}.get(status, "queued")
+    for st in finals:
         if read_run(st.run.run_dir).get("status") == "finished":
             st.state = "skipped"
+        elif plan.sweep:
+            st.state = "awaits tuning"
+    for st in states:
         st.refresh()
+    tuning_ids = {id(st) for st in tuning}
     queue = [st for st in states if st.state == "queued"]
-    title = f"rlzoo bench {out}: {len(states)} runs, {len(states) - len(queue)} finished before, --jobs {jobs}"
+    waiting = {st.run.algo for st in finals if st.state == "awaits tuning"}
+    title = (f"rlzoo bench {out}: {len(states)} runs" + (f" ({len(tuning)} tuning)" if tuning else "")
+             + f", {sum(st.state in ('skipped', 'diverged') for st in states)} finished before, --jobs {jobs}")
 
-    # The built-in policy is built on first use and cached: the first run launched builds it (if it is
-    # not cached yet) while the others wait, instead of every run building it at once.
-    gate: dict = {"open": plan.model != "default", "run": None, "since": 0.0}
-
-    def gate_open() -> bool:
-        if not gate["open"] and gate["run"] is not None:
-            st = gate["run"]
-            run_json = st.run.run_dir / "run.json"  # train (re)writes it once the policy is loaded
-            gate["open"] = st.proc.poll() is not None or (run_json.exists() and run_json.stat().st_mtime >= gate["since"])
-        return gate["open"] or gate["run"] is None
+    def release() -> None:
+        """Plan the evaluation runs of every strategy whose tuning runs are all done, with its pick."""
+        done = [a for a in sorted(waiting) if all(st.state in TUNING_DONE for st in tuning if st.run.algo == a)]
+        if not done:
+            return
+        picks = tuning_results(plan, out)["strategies"]
+        planned = {r.name: r for r in plan_runs(plan, out, {a: tuple(picks[a]["pick"] or ()) for a in done})}
+        for algo in done:
+            waiting.discard(algo)
+            pick = picks[algo]["pick"]
+            if pick is None:
+                console.print(f"{algo}: every setting of the sweep diverged or was not run; its evaluation runs are left out")
+            else:
+                console.print(f"{algo}: tuned; picked {', '.join(pick)} by final train accuracy")
+            for st in finals:
+                if st.run.algo == algo and st.state == "awaits tuning":
+                    st.run = planned[st.run.name]
+                    st.state = "queued" if pick is not None else "untuned"
+                    if pick is not None:
+                        queue.append(st)
 
     def launch(st: RunState) -> None:
-        if gate["run"] is None:
-            gate["run"], gate["since"] = st, time.time() - 1  # 1 s slack for coarse file-system clocks
         st.state = "resuming" if (st.run.run_dir / "run.json").exists() else "running"
         st.first_progress = None  # the ETA measures this process's pace
         st.run.run_dir.parent.mkdir(parents=True, exist_ok=True)
-        st.log = open(out / "logs" / f"{st.run.name}.log", "a")
+        log_path = out / "logs" / f"{st.run.name}.log"
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        st.log = open(log_path, "a")
         st.log.write(f"# {datetime.now(timezone.utc).isoformat(timespec='seconds')} {shlex.join(st.run.command)}\n")
         st.log.flush()
         # Its own session: a Ctrl-C at the terminal reaches only the bench, which passes it on once (see _stop).
@@ -426,16 +629,20 @@ def _run_bench_locked(plan: BenchPlan, out: Path, jobs: int, leaderboard: Path |
         st.log.close()
         st.refresh()
         status = read_run(st.run.run_dir).get("status")
+        diverged = rc == 2 and status == "failed"  # train's own verdict (non-finite loss), not a mistake in the options
         if rc == 0 and status == "finished":
             st.state = "finished"
         elif rc == 130:  # stopped by Ctrl-C after saving a checkpoint
             st.state = "interrupted"
+        elif diverged and id(st) in tuning_ids:
+            st.state = "diverged"
         else:
             st.state = f"failed (exit {rc})" if rc else f"failed (exit 0, status {status})"
-        console.print(f"{st.run.name}: {st.state}" + ("" if st.state == "finished" else f"; log: {out / 'logs' / (st.run.name + '.log')}"))
-        if rc == 2:  # a user error (bad binding, model path...): every run would hit it; stop and say it once
+        log = out / "logs" / f"{st.run.name}.log"
+        console.print(f"{st.run.name}: {st.state}" + ("" if st.state == "finished" else f"; log: {log}"))
+        if rc == 2 and not diverged:  # a user error (bad binding, model path...): every run would hit it; stop and say it once
             _stop(states, console)
-            raise UserError(f"{st.run.name}: {_last_error_line(out / 'logs' / f'{st.run.name}.log')}")
+            raise UserError(f"{st.run.name}: {_last_error_line(log)}")
 
     def on_sigterm(signum, frame):
         raise KeyboardInterrupt
@@ -443,11 +650,17 @@ def _run_bench_locked(plan: BenchPlan, out: Path, jobs: int, leaderboard: Path |
     in_main_thread = threading.current_thread() is threading.main_thread()  # only there can signals be handled
     old_handler = signal.signal(signal.SIGTERM, on_sigterm) if in_main_thread else None
     try:
+        if queue or waiting:
+            build_base_policies(plan, console)
         with Live(render(states, title), console=console, refresh_per_second=2) as live:
             try:
+                reaped = True
                 while True:
+                    if reaped:
+                        release()
+                        reaped = False
                     running = [st for st in states if st.state in ("running", "resuming")]
-                    while queue and len(running) < jobs and gate_open():
+                    while queue and len(running) < jobs:
                         launch(queue[0])
                         running.append(queue.pop(0))
                     if not running:
@@ -457,6 +670,7 @@ def _run_bench_locked(plan: BenchPlan, out: Path, jobs: int, leaderboard: Path |
                         rc = st.proc.poll()
                         if rc is not None:
                             reap(st, rc)
+                            reaped = True
                     live.update(render(states, title))
                     time.sleep(POLL_SECONDS)
             except KeyboardInterrupt:
@@ -472,14 +686,15 @@ def _run_bench_locked(plan: BenchPlan, out: Path, jobs: int, leaderboard: Path |
             console.line()
 
     result = BenchResult(states={st.run.name: st.state for st in states},
-                         unfinished=[st.run.name for st in states if st.state.startswith(("failed", "interrupted"))],
+                         unfinished=[st.run.name for st in states if st.state.startswith(("failed", "interrupted", "awaits", "untuned"))],
                          logs=out / "logs")
     notes = [f"{jobs} runs at a time, OMP_NUM_THREADS={env['OMP_NUM_THREADS']} each"]
-    result.leaderboard = _write_leaderboard(states, Path(leaderboard) if leaderboard else out / "leaderboard", command, notes, console)
+    result.leaderboard = _write_leaderboard(finals, Path(leaderboard) if leaderboard else out / "leaderboard", command, notes, console,
+                                            tuning=tuning_results(plan, out) if plan.sweep else None)
     return result
 
 
-def _write_leaderboard(states: list[RunState], out: Path, command: str, notes: list[str], console) -> Path | None:
+def _write_leaderboard(states: list[RunState], out: Path, command: str, notes: list[str], console, tuning: dict | None = None) -> Path | None:
     from rlzoo.leaderboard import load_run, write_leaderboard
 
     runs = [load_run(st.run.run_dir) for st in states if (st.run.run_dir / "run.json").exists()]
@@ -487,7 +702,7 @@ def _write_leaderboard(states: list[RunState], out: Path, command: str, notes: l
         console.print("no run started: no leaderboard")
         return None
     try:
-        write_leaderboard(runs, out, command=command, notes=notes)
+        write_leaderboard(runs, out, command=command, notes=notes, tuning=tuning)
     except UserError as e:
         console.print(f"no leaderboard: {e}")
         return None

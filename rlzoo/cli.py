@@ -180,6 +180,9 @@ def bench(
     leaderboard: Path = typer.Option(None, help="where to write the leaderboard (default OUT/leaderboard)"),
     launcher: str = typer.Option(None, help="runs each train on several processes, e.g. 'torchrun --nproc_per_node 4 -m' "
                                  "or 'deepspeed --num_gpus 4 --module' (default: one python process)"),
+    sweep: list[str] = typer.Option([], help="tune first: binding=v1,v2,... (repeatable: the grid is the product); every "
+                                    "strategy runs the grid, picks by final train accuracy, then runs its pick on the seeds"),
+    tune_seeds: int = typer.Option(1, help="with --sweep: tuning runs per (strategy, setting), seeds 1000, 1001, ..."),
 ) -> None:
     """Compare strategies under one budget: one run per (strategy, seed), skip finished, resume interrupted, then a leaderboard."""
     from rlzoo.bench import make_plan, run_bench
@@ -187,7 +190,8 @@ def bench(
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
         raise UserError("run `rlzoo bench` as one process; to train each run on several processes give it "
                         "--launcher 'torchrun --nproc_per_node N -m'")
-    plan = make_plan(algos, task, model=model, seeds=seeds, budget=budget, configs=config, bindings=set_, launcher=launcher)
+    plan = make_plan(algos, task, model=model, seeds=seeds, budget=budget, configs=config, bindings=set_, launcher=launcher,
+                     sweep=sweep, tune_seeds=tune_seeds)
     result = run_bench(plan, out, jobs=jobs, leaderboard=leaderboard)
     if result.unfinished:
         print(f"rlzoo: {len(result.unfinished)} run(s) did not finish: {', '.join(result.unfinished)}; logs in {result.logs}; "

@@ -671,6 +671,84 @@ def _html_table(header, rows) -> str:
 
 
 # --------------------------------------------------------------------------------------------------
+# Tuning sweeps (rlzoo bench --sweep)
+
+
+def tuning_score(run: Run, metric: str = "pass@1") -> tuple[float, float]:
+    """What a tuning run is judged by, never its test accuracy: (final train accuracy: the last eval's
+    ``eval/train/<metric>``, the eval protocol on the fixed train subset; the tie-break: mean rollout
+    ``reward/mean`` over the last quarter of its train iterations)."""
+    train = _acc(run.evals[-1], "train", metric) if run.evals else math.nan
+    rewards = [float(r["reward/mean"]) for r in run.trains if r.get("reward/mean") is not None]
+    tail = rewards[-max(1, math.ceil(len(rewards) / 4)):]
+    return train, float(np.mean(tail)) if tail else math.nan
+
+
+def summarize_tuning(grid: list[tuple[str, ...]], runs: dict[str, dict[tuple[str, ...], list[Path]]], seeds: list = (),
+                     metric: str = "pass@1") -> dict:
+    """Per strategy: each setting's score (``tuning_score`` averaged over its tuning runs), the pick and the cost.
+
+    ``runs``: strategy -> setting -> its tuning run folders (absent ones count as not run). A setting competes
+    only if every one of its runs finished; the pick is the highest mean train accuracy, ties broken by the mean
+    tail reward, then by grid order. Cost sums over every tuning run that started: runs, training seconds,
+    episodes, and ``flops/total`` where the runs record it.
+    """
+    strategies = {}
+    for algo, by_setting in runs.items():
+        points, cost = [], {"runs": 0, "train_seconds": 0.0, "episodes": 0, "flops": None}
+        for setting in grid:
+            loaded = [load_run(d) for d in by_setting.get(setting, []) if (Path(d) / "run.json").is_file()]
+            scores = [tuning_score(r, metric) for r in loaded]
+            finished = sum(r.status == "finished" for r in loaded)
+            status = ("finished" if loaded and finished == len(by_setting[setting]) else
+                      "diverged" if any(r.status == "failed" for r in loaded) else "unfinished")
+            points.append({"setting": list(setting), "status": status, "runs": len(loaded),
+                           "train": float(np.mean([t for t, _ in scores])) if scores else math.nan,
+                           "reward": float(np.mean([w for _, w in scores])) if scores else math.nan})
+            for r in loaded:
+                records = r.trains + r.evals
+                cost["runs"] += 1
+                cost["train_seconds"] += max((x.get("time/train_total", 0.0) for x in records), default=0.0)
+                cost["episodes"] += max((x.get("episodes", 0) for x in records), default=0)
+                flops = [x["flops/total"] for x in records if x.get("flops/total") is not None]
+                if flops:
+                    cost["flops"] = (cost["flops"] or 0) + max(flops)  # cumulative in the run: its last value
+        ok = [p for p in points if p["status"] == "finished" and np.isfinite(p["train"])]
+        best = max(ok, key=lambda p: (p["train"], p["reward"] if np.isfinite(p["reward"]) else -math.inf), default=None)
+        strategies[algo] = {"points": points, "pick": best["setting"] if best else None, "cost": cost}
+    total = {k: sum(s["cost"][k] for s in strategies.values()) for k in ("runs", "train_seconds", "episodes")}
+    all_flops = [s["cost"]["flops"] for s in strategies.values() if s["cost"]["flops"] is not None]
+    total["flops"] = sum(all_flops) if all_flops else None
+    return {"metric": metric, "grid": [list(g) for g in grid], "seeds": list(seeds), "strategies": strategies, "cost": total}
+
+
+def tuning_table(tuning: dict) -> tuple[str, str, list[str], list[list[str]]]:
+    """The leaderboard's "Tuning" section: (title, note, header, rows), as ``tables`` gives them."""
+    m, S = tuning["metric"], tuning["strategies"]
+    has_flops = tuning["cost"]["flops"] is not None
+
+    def cell(p: dict) -> str:
+        if p["status"] != "finished":
+            return p["status"]
+        return f"{100 * p['train']:.1f} · {p['reward']:.3f}" if np.isfinite(p["reward"]) else f"{100 * p['train']:.1f}"
+
+    def cost(c: dict) -> list[str]:
+        return [str(c["runs"]), _num(c["train_seconds"], "{:.1f}"), _count(float(c["episodes"]))] + (
+            [_count(float(c["flops"])) if c["flops"] is not None else "–"] if has_flops else [])
+
+    hdr = ["strategy"] + [", ".join(g) for g in tuning["grid"]] + ["pick", "tuning runs", "train s", "episodes"] + (["FLOPs"] if has_flops else [])
+    rows = [[a] + [cell(p) for p in s["points"]] + [", ".join(s["pick"]) if s["pick"] else "none"] + cost(s["cost"]) for a, s in S.items()]
+    rows.append(["all"] + [""] * (len(tuning["grid"]) + 1) + cost(tuning["cost"]))
+    seeds = tuning["seeds"]
+    note = (f"Every strategy trained once per setting of the grid and tuning seed ({', '.join(map(str, seeds))}: never an "
+            f"evaluation seed). Cells: final train {m} (%, the last evaluation on the fixed train subset) · mean rollout reward "
+            "over the last quarter of iterations, both averaged over tuning seeds. The pick is the best train accuracy, ties "
+            "broken by that reward; test accuracy plays no part. The tables above are the picked settings on the evaluation "
+            "seeds. Cost: every tuning run, seconds of training (evaluation excluded)" + (", estimated FLOPs." if has_flops else "."))
+    return "Tuning", note, hdr, rows
+
+
+# --------------------------------------------------------------------------------------------------
 # Plots
 
 
@@ -865,7 +943,7 @@ def _csv_rows(res: dict) -> tuple[list[str], list[list]]:
 
 
 def write_leaderboard(runs: list[Run], out: Path, command: str = "", baseline: str = "ppo", metric: str = "pass@1",
-                      notes: list[str] | None = None) -> dict:
+                      notes: list[str] | None = None, tuning: dict | None = None) -> dict:
     """Write README.md, results.csv, results.json, runs.csv, plots/*.png|svg and index.html into ``out``;
     returns the results (as written to results.json)."""
     res = summarize(runs, baseline=baseline, metric=metric)
@@ -879,7 +957,7 @@ def write_leaderboard(runs: list[Run], out: Path, command: str = "", baseline: s
     (out / "plots").mkdir(parents=True, exist_ok=True)
     plots = make_plots(res, out / "plots")
     prov = provenance(command)
-    tabs = tables(res)
+    tabs = tables(res) + ([tuning_table(tuning)] if tuning else [])  # tuning: summarize_tuning's, from a bench with --sweep
     notes = list(notes or [])
 
     header, rows = _csv_rows(res)
@@ -891,7 +969,7 @@ def write_leaderboard(runs: list[Run], out: Path, command: str = "", baseline: s
         w.writerow(run_keys + ["budget"])
         for r in res["runs"]:
             w.writerow([r[k] for k in run_keys] + [json.dumps(r["budget"])])
-    public = {k: v for k, v in res.items() if not k.startswith("_")}
+    public = {k: v for k, v in res.items() if not k.startswith("_")} | ({"tuning": tuning} if tuning else {})
     (out / "results.json").write_text(json.dumps(_jsonable({**public, "provenance": prov, "notes": notes}), indent=2))
 
     title = f"rlzoo leaderboard — {res['task']}"

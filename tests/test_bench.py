@@ -12,11 +12,24 @@ from pathlib import Path
 
 import pytest
 
-from rlzoo.bench import BenchPlan, RunWatch, check_plan, make_plan, parse_budget, plan_runs, progress, run_bench
+from rlzoo.bench import (
+    TUNE_SEED_BASE,
+    BenchPlan,
+    RunWatch,
+    bench_command,
+    check_plan,
+    grid,
+    make_plan,
+    parse_budget,
+    plan_runs,
+    plan_tuning_runs,
+    progress,
+    run_bench,
+)
 from rlzoo.cli import main
 from rlzoo.errors import UserError
-from rlzoo.leaderboard import PLOTS
-from rlzoo.runs import read_run
+from rlzoo.leaderboard import PLOTS, load_run, summarize_tuning, tuning_score, tuning_table
+from rlzoo.runs import read_jsonl, read_run
 from rlzoo.tasks import TASKS
 from test_leaderboard import write_run_folder
 
@@ -59,6 +72,27 @@ def test_bad_bench_options_are_one_line_errors(tmp_path, capsys, argv, says):
     base.update(dict(zip(argv[::2], argv[1::2])))
     err = _cli_error(["bench", *[x for kv in base.items() for x in kv]], capsys)
     assert says in err
+
+
+@needs_tasks
+@pytest.mark.parametrize("argv, says", [
+    (["--sweep", "train.lrr=1e-5,1e-4"], "doesn't have a parameter named 'lrr'"),  # unknown binding
+    (["--sweep", "no_such_thing.lr=1e-5"], "no_such_thing"),
+    (["--sweep", "train.lr="], "empty grid"),
+    (["--sweep", "train.lr=1e-5,,1e-4"], "empty value"),
+    (["--sweep", "train.lr=1e-5,(1e-4"], "bad --sweep value train.lr=(1e-4"),  # malformed value
+    (["--sweep", "train.lr_schedule=linear"], "bad --sweep value"),  # a string is quoted, as with --set
+    (["--sweep", "train.lr"], "expected binding=value,value"),
+    (["--sweep", "train.lr=1e-5", "--sweep", "train.lr=1e-4"], "twice"),
+    (["--sweep", "train.seed=1,2"], "the bench sets train.seed"),
+    (["--sweep", "ppo.epochs=1,2", "--set", "ppo.epochs=2"], "both swept"),
+    (["--sweep", "train.lr=1e-5", "--tune-seeds", "0"], "--tune-seeds"),
+])
+def test_bad_sweeps_are_one_line_errors_before_anything_is_written(tmp_path, capsys, argv, says):
+    out = tmp_path / "b"
+    err = _cli_error(["bench", "--algos", "grpo,ppo", "--task", "arith", "--out", str(out), *argv], capsys)
+    assert says in err
+    assert not out.exists()
 
 
 def test_parse_budget_canonical_forms():
@@ -112,6 +146,92 @@ def test_a_different_plan_on_the_same_folder_is_refused(tmp_path):
         check_plan(_plan(seeds=(0, 1, 2)), tmp_path)
     with pytest.raises(UserError, match="config file contents changed"):
         check_plan(_plan(configs=("/x.gin",), config_sha256=("abc",)), tmp_path)
+
+
+def test_a_sweep_plans_the_same_grid_and_tuning_seeds_for_every_strategy(tmp_path):
+    plan = _plan(sweep=(("train.lr", ("1e-5", "1e-4")), ("train.adam_betas", ("(0.9, 0.99)", "(0.9, 0.999)"))), tune_seeds=2)
+    settings = grid(plan)
+    assert settings == [("train.lr=1e-5", "train.adam_betas=(0.9, 0.99)"), ("train.lr=1e-5", "train.adam_betas=(0.9, 0.999)"),
+                        ("train.lr=1e-4", "train.adam_betas=(0.9, 0.99)"), ("train.lr=1e-4", "train.adam_betas=(0.9, 0.999)")]
+    tuning = plan_tuning_runs(plan, tmp_path)
+    assert len(tuning) == 2 * 4 * 2 and len({r.run_dir for r in tuning}) == len(tuning)
+    for algo in plan.algos:
+        mine = [r for r in tuning if r.algo == algo]
+        assert sorted((r.setting, r.seed) for r in mine) == sorted((g, k) for g in settings for k in (TUNE_SEED_BASE, TUNE_SEED_BASE + 1))
+    assert not {r.seed for r in tuning} & set(plan.seeds)  # a pick is never judged on an evaluation seed
+    for r in tuning:
+        assert r.run_dir.is_relative_to(tmp_path.resolve() / "tune" / r.algo)
+        sets = [r.command[i + 1] for i, x in enumerate(r.command) if x == "--set"]
+        assert sets == [*plan.bindings, *r.setting]  # the plan's bindings, then the setting's (which win)
+
+    picks = {"ppo": settings[2]}
+    finals = plan_runs(plan, tmp_path, picks)
+    for r in finals:
+        sets = [r.command[i + 1] for i, x in enumerate(r.command) if x == "--set"]
+        assert sets == [*plan.bindings, *picks.get(r.algo, ())]
+    command = bench_command(plan, tmp_path, 1, None)
+    assert "--sweep train.lr=1e-5,1e-4 --sweep 'train.adam_betas=(0.9, 0.99),(0.9, 0.999)' --tune-seeds 2" in command
+
+    # bench.json keeps the sweep: the same sweep resumes, another (or none) is another plan.
+    (tmp_path / "bench.json").write_text(json.dumps({"format": 1, "plan": plan.as_dict(), "sessions": []}))
+    assert check_plan(plan, tmp_path)["plan"]["sweep"][1] == ["train.adam_betas", ["(0.9, 0.99)", "(0.9, 0.999)"]]
+    for other in (_plan(), _plan(sweep=plan.sweep[:1], tune_seeds=2), _plan(sweep=plan.sweep, tune_seeds=3)):
+        with pytest.raises(UserError, match="another plan"):
+            check_plan(other, tmp_path)
+
+
+def _tuning_run(run_dir, algo, seed, train, test, reward, status="finished", flops=None):
+    """A finished tuning run: final train / test accuracy, and a rollout reward at every iteration."""
+    write_run_folder(run_dir, algo, seed, {0: (0.4, 0.4), 4: (train, test)}, status=status)
+    records = read_jsonl(run_dir / "metrics.jsonl")
+    for r in records:
+        if r["kind"] == "train":
+            r["reward/mean"] = reward
+        if flops is not None:
+            r["flops/total"] = flops * r["iteration"]
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    return run_dir
+
+
+def test_the_pick_is_by_train_accuracy_then_reward_never_test_and_excludes_diverged_settings(tmp_path):
+    lo, hi = ("train.lr=1e-5",), ("train.lr=1e-4",)
+    runs = {}
+
+    def add(algo, setting, seed, *args, **kw):
+        path = _tuning_run(tmp_path / algo / setting[0] / f"seed{seed}", algo, seed, *args, **kw)
+        runs.setdefault(algo, {}).setdefault(setting, []).append(path)
+
+    # a: lo has the best test accuracy, hi the best train accuracy (mean over its two tuning seeds).
+    add("a", lo, 1000, 0.60, 0.90, 0.5)
+    add("a", lo, 1001, 0.60, 0.90, 0.5)
+    add("a", hi, 1000, 0.80, 0.10, 0.5, flops=1000)
+    add("a", hi, 1001, 0.62, 0.10, 0.5, flops=1000)
+    # b: equal train accuracy; hi's rollouts earn more over the last quarter.
+    add("b", lo, 1000, 0.50, 0.50, 0.30)
+    add("b", hi, 1000, 0.50, 0.50, 0.40)
+    # c: hi scored better before it diverged: it is out; d: only lo diverged, hi never ran.
+    add("c", lo, 1000, 0.20, 0.20, 0.1)
+    add("c", hi, 1000, 0.90, 0.90, 0.9, status="failed")
+    add("d", lo, 1000, 0.90, 0.90, 0.9, status="failed")
+    runs["d"][hi] = [tmp_path / "d" / "never-started"]
+
+    res = summarize_tuning([lo, hi], runs, seeds=[1000, 1001])
+    S = res["strategies"]
+    assert S["a"]["pick"] == list(hi) and S["a"]["points"][1]["train"] == pytest.approx(0.71)
+    assert S["b"]["pick"] == list(hi)
+    assert S["c"]["pick"] == list(lo) and S["c"]["points"][1]["status"] == "diverged"
+    assert S["d"]["pick"] is None and [p["status"] for p in S["d"]["points"]] == ["diverged", "unfinished"]
+    assert tuning_score(load_run(runs["a"][hi][0])) == (0.80, 0.5)  # its final train accuracy, whatever its test says
+    # Cost: every tuning run that started; write_run_folder's runs train 4 iterations of 64 episodes, 1 s each.
+    assert S["a"]["cost"] == {"runs": 4, "train_seconds": 16.0, "episodes": 1024, "flops": 8000}
+    assert S["b"]["cost"]["flops"] is None
+    assert res["cost"]["runs"] == 9 and res["cost"]["flops"] == 8000
+
+    title, note, header, rows = tuning_table(res)
+    assert title == "Tuning" and header[:3] == ["strategy", "train.lr=1e-5", "train.lr=1e-4"] and "FLOPs" in header
+    assert rows[0][:4] == ["a", "60.0 · 0.500", "71.0 · 0.500", "train.lr=1e-4"]
+    assert rows[2][2] == "diverged" and rows[3][3] == "none" and rows[-1][0] == "all"
+    assert "1000, 1001" in note and "test accuracy plays no part" in note
 
 
 def test_run_watch_reads_only_complete_lines_and_follows_a_rewrite(tmp_path):
@@ -216,3 +336,82 @@ def test_smoke_preset_end_to_end_writes_every_table_plot_and_the_html_page(tmp_p
     res = json.loads((board / "results.json").read_text())
     assert set(res["strategies"]) == {"grpo", "ppo"} and all(s["runs"] == 2 for s in res["strategies"].values())
     assert all(r["status"] == "finished" for r in res["runs"])
+
+
+SMOKE = REPO / "benchmarks" / "smoke.gin"
+needs_smoke = pytest.mark.skipif(not SMOKE.exists(), reason="needs benchmarks/smoke.gin")
+
+
+def _lr_bound(run_dir: Path) -> float:
+    return read_run(run_dir)["config"]["lr"]
+
+
+@pytest.mark.slow
+@needs_train
+@needs_smoke
+def test_a_sweep_tunes_each_strategy_on_train_accuracy_runs_its_pick_and_a_rerun_trains_nothing(tmp_path, tiny_policy_path):
+    # smoke.gin's built-in policy is the tiny preset: tiny_policy_path has it cached.
+    out = tmp_path / "bench"
+    options = dict(algos="grpo,ppo", task="arith", seeds=1, budget="iterations=2", configs=[SMOKE],
+                   bindings=["train.checkpoint_every=1"], sweep=["train.lr=1e-4,3e-3"])
+    argv = ["bench", "--algos", "grpo,ppo", "--task", "arith", "--seeds", "1", "--budget", "iterations=2", "--config", str(SMOKE),
+            "--set", "train.checkpoint_every=1", "--sweep", "train.lr=1e-4,3e-3", "--out", str(out), "--jobs", "2"]
+    plan = make_plan(**options)
+    tuning = plan_tuning_runs(plan, out)
+    assert len(tuning) == 2 * 2 * 1
+    # One tuning run killed after its first checkpoint (of two), as a killed bench leaves it: the bench resumes it.
+    cut = tuning[-1]
+    proc = subprocess.Popen(cut.command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    while not (cut.run_dir / "checkpoints" / "latest").exists() and proc.poll() is None:
+        time.sleep(0.05)
+    proc.kill()
+    proc.wait()
+    assert read_run(cut.run_dir)["status"] == "running"
+
+    main(argv)
+
+    assert "resuming" in (out / "logs" / f"{cut.name}.log").read_text()
+    for r in tuning:
+        assert read_run(r.run_dir)["status"] == "finished" and read_run(r.run_dir)["seed"] == TUNE_SEED_BASE
+        assert _lr_bound(r.run_dir) == float(r.setting[0].partition("=")[2])
+    # The pick, re-derived here from the tuning runs' metrics: final train accuracy, then the last quarter's reward.
+    board = json.loads((out / "leaderboard" / "results.json").read_text())
+    for algo in plan.algos:
+        def score(setting):
+            run = next(load_run(r.run_dir) for r in tuning if r.algo == algo and r.setting == setting)
+            return run.evals[-1]["eval/train/pass@1"], run.trains[-1]["reward/mean"]  # 2 iterations: the last is the last quarter
+
+        pick = max(grid(plan), key=score)  # max keeps the first of equals: grid order
+        assert board["tuning"]["strategies"][algo]["pick"] == list(pick)
+        final = out / "runs" / f"{algo}-seed0"
+        assert read_run(final)["status"] == "finished" and _lr_bound(final) == float(pick[0].partition("=")[2])
+    assert sorted(r["seed"] for r in board["runs"]) == [0, 0]  # the leaderboard ranks the evaluation runs only
+    assert board["tuning"]["cost"]["runs"] == 4 and board["tuning"]["cost"]["episodes"] == 4 * 2 * 8
+    readme = (out / "leaderboard" / "README.md").read_text()
+    assert "## Tuning" in readme and "| train.lr=1e-4 | train.lr=3e-3 | pick |" in readme
+    assert json.loads((out / "bench.json").read_text())["plan"]["sweep"] == [["train.lr", ["1e-4", "3e-3"]]]
+
+    everything = sorted([*out.glob("tune/*/*/*/metrics.jsonl"), *out.glob("runs/*/metrics.jsonl"), *out.glob("logs/**/*.log")])
+    assert len(everything) == 4 + 2 + 4 + 2
+    before = {p: p.read_bytes() for p in everything}
+    main(argv)
+    assert {p: p.read_bytes() for p in everything} == before  # nothing trained, nothing launched
+    assert len(json.loads((out / "bench.json").read_text())["sessions"]) == 2
+
+
+@pytest.mark.slow
+@needs_train
+@needs_smoke
+def test_the_bench_builds_the_base_policy_once_before_any_run(tmp_path, monkeypatch, capsys):
+    home = tmp_path / "home"
+    monkeypatch.setenv("RLZOO_HOME", str(home))  # nothing cached: someone has to build it
+    out = tmp_path / "bench"
+    main(["bench", "--algos", "grpo,rloo", "--task", "arith", "--seeds", "1", "--budget", "iterations=1", "--config", str(SMOKE),
+          "--set", "pretrain.steps=40", "--set", "pretrain.warmup_steps=4", "--out", str(out), "--jobs", "2"])
+    assert "building the base policy" in capsys.readouterr().err
+    built = [p for p in (home / "policies").iterdir()]
+    assert len(built) == 1 and (built[0] / "pretrain.json").is_file()  # one build, no leftover of a second
+    for name in ("grpo-seed0", "rloo-seed0"):
+        assert read_run(out / "runs" / name)["status"] == "finished"
+        assert "pretrain step" not in (out / "logs" / f"{name}.log").read_text()  # a run that builds it logs its steps
+        assert (built[0] / "pretrain.json").stat().st_mtime <= (out / "runs" / name / "config.gin").stat().st_mtime
