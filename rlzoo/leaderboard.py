@@ -779,6 +779,18 @@ def make_plots(res: dict, out: Path) -> list[str]:
     figs["acc_vs_time"] = fig
 
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    band(ax, "flops", "estimated training FLOPs")
+    for a, (grid, mean, _) in C["flops_train"].items():  # train accuracy dashed beside test, same colour
+        ax.plot(grid, 100 * mean, color=colors[a], ls="--", lw=1.0, label=f"{a} train")
+    if np.isfinite(res["baseline_flop_target"]):
+        ax.axhline(100 * res["baseline_flop_target"], color="gray", ls=":", lw=0.8, label=f"{base}'s best (test)")
+    if not C["flops"]:
+        ax.text(0.5, 0.5, "no run records FLOPs", ha="center", transform=ax.transAxes)
+    ax.set_ylabel(f"{m} (%): test solid, train dashed")
+    ax.set_title(f"Accuracy vs FLOPs (mean, test {res['confidence']:.0%} CI)")
+    figs["acc_vs_flops"] = fig
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
     band(ax, "iterations", "iteration")
     ax.set_title(f"Test accuracy vs iterations (mean, {res['confidence']:.0%} CI)")
     figs["acc_vs_iterations"] = fig
@@ -802,18 +814,6 @@ def make_plots(res: dict, out: Path) -> list[str]:
     ax.set_ylabel(f"test {m} (%)")
     ax.set_title("Test vs train accuracy (evals; line: mean at matched train accuracy)")
     figs["test_vs_train"] = fig
-
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    band(ax, "flops", "estimated training FLOPs")
-    for a, (grid, mean, _) in C["flops_train"].items():  # train accuracy dashed beside test, same colour
-        ax.plot(grid, 100 * mean, color=colors[a], ls="--", lw=1.0, label=f"{a} train")
-    if np.isfinite(res["baseline_flop_target"]):
-        ax.axhline(100 * res["baseline_flop_target"], color="gray", ls=":", lw=0.8, label=f"{base}'s best (test)")
-    if not C["flops"]:
-        ax.text(0.5, 0.5, "no run records FLOPs", ha="center", transform=ax.transAxes)
-    ax.set_ylabel(f"{m} (%): test solid, train dashed")
-    ax.set_title(f"Accuracy vs FLOPs (mean, test {res['confidence']:.0%} CI)")
-    figs["acc_vs_flops"] = fig
 
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     for a, ns in C["per_run"].items():
