@@ -305,13 +305,19 @@ def check_plan(plan: BenchPlan, out: Path) -> dict:
 
 
 def bench_command(plan: BenchPlan, out: Path, jobs: int, leaderboard: Path | None) -> str:
-    """The command line that reproduces (and resumes) this bench."""
+    """The command line that reproduces (and resumes) this bench. It goes into the leaderboard's provenance, so it
+    names no machine's folders: a path given relative, or under the working folder, is shown from there (as typed);
+    any other by its path from the leaderboard folder, as ``rlzoo.leaderboard.leaderboard_command`` shows paths."""
+    board = Path(leaderboard or Path(out) / "leaderboard").resolve()
 
-    def show(p):  # paths under the working directory are shown relative to it
-        try:
-            return str(Path(p).relative_to(Path.cwd()))
-        except ValueError:
+    def show(p):
+        p = Path(p)
+        if not p.is_absolute():  # as given (the plan keeps "default" and hub ids as given too)
             return str(p)
+        try:
+            return str(p.resolve().relative_to(Path.cwd().resolve()))
+        except ValueError:
+            return os.path.relpath(p.resolve(), board)
 
     args = ["rlzoo", "bench", "--algos", ",".join(plan.algos), "--task", plan.task, "--model", show(plan.model),
             "--seeds", str(len(plan.seeds))]
@@ -327,9 +333,9 @@ def bench_command(plan: BenchPlan, out: Path, jobs: int, leaderboard: Path | Non
         args += ["--tune-seeds", str(plan.tune_seeds)]
     if plan.launcher:
         args += ["--launcher", shlex.join(plan.launcher)]
-    args += ["--out", show(Path(out).resolve()), "--jobs", str(jobs)]
+    args += ["--out", show(out), "--jobs", str(jobs)]
     if leaderboard:
-        args += ["--leaderboard", show(Path(leaderboard).resolve())]
+        args += ["--leaderboard", show(leaderboard)]
     return shlex.join(args)
 
 

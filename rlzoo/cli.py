@@ -4,6 +4,7 @@ so that ``rlzoo --help`` is instant."""
 from __future__ import annotations
 
 import os
+import shlex
 import sys
 from pathlib import Path
 
@@ -21,6 +22,16 @@ NO_ARGS_ERRORS = (click.exceptions.NoArgsIsHelpError, _typer_click_exceptions.No
 USAGE_ERRORS = (click.UsageError, _typer_click_exceptions.UsageError)
 ABORTS = (click.exceptions.Abort, typer.Abort)
 EXITS = (click.exceptions.Exit, typer.Exit)
+
+# The arguments of this invocation, set by main: the command a run or report records, which sys.argv is not when
+# main is called in-process (tests, scripts).
+_argv: list[str] = []
+
+
+def invoked_command() -> str:
+    """This invocation as a shell command line, as the user gave it."""
+    return shlex.join(["rlzoo", *_argv])
+
 
 app = typer.Typer(
     add_completion=False,
@@ -72,7 +83,7 @@ def train(
         identity.append(f"train.deepspeed_config = {deepspeed!r}")
     apply_gin(config, list(set_) + parse_budget(budget) + [b.replace("'", '"') for b in identity])
     run_dir = out or f"runs/{algo}-{task}-seed{seed}"
-    run_training(run_dir, TrainConfig(), command=" ".join(["rlzoo"] + sys.argv[1:]))
+    run_training(run_dir, TrainConfig(), command=invoked_command())
     from rlzoo.runs import read_run
 
     if read_run(run_dir).get("status") != "finished":
@@ -240,7 +251,7 @@ def audit(
     cfg = AuditConfig(algos=tuple(dict.fromkeys(a.strip() for a in algos.split(",") if a.strip())), problems=problems,
                       truth_samples=truth_samples, alternatives=alternatives, k=k, seed=seed)
     run_audit(task, out, cfg, policy=policy, critic=critic, critic_iterations=critic_iterations,
-              command=" ".join(["rlzoo"] + sys.argv[1:]))
+              command=invoked_command())
     print(f"rlzoo: audit in {out}/ (audit.md, audit.json, plots)")
 
 
@@ -276,6 +287,8 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _run(argv: list[str]) -> None:
+    global _argv
+    _argv = list(argv)
     try:
         code = app(args=argv, standalone_mode=False, prog_name="rlzoo")
         if isinstance(code, int) and code:  # a typer.Exit(code), returned in this mode

@@ -47,6 +47,7 @@ import json
 import math
 import os
 import platform
+import re
 import shlex
 import subprocess
 from dataclasses import dataclass
@@ -101,7 +102,9 @@ class Run:
 
 
 def _run_dirs(root: Path) -> list[Path]:
-    """``root`` itself if it is a run folder, else every run folder below it (not descending into runs)."""
+    """``root`` itself if it is a run folder, else every run folder below it (not descending into runs), except a
+    bench's tuning runs (``tune/`` beside its ``bench.json``): they trained on other settings and seeds than its
+    evaluation runs and would be ranked with them. Given as ``root`` (``OUT/tune``), they are read."""
     if (root / "run.json").exists():
         return [root]
     found = []
@@ -110,6 +113,8 @@ def _run_dirs(root: Path) -> list[Path]:
             found.append(Path(dirpath))
             dirnames[:] = []
         else:
+            if "bench.json" in filenames and "tune" in dirnames:
+                dirnames.remove("tune")
             dirnames.sort()
     return sorted(found)
 
@@ -948,12 +953,17 @@ def write_leaderboard(runs: list[Run], out: Path, command: str = "", baseline: s
     returns the results (as written to results.json)."""
     res = summarize(runs, baseline=baseline, metric=metric)
     out = Path(out)
-    # Run folders are written by their path from `out`, never by this machine's absolute path.
+    # Run folders, models and the paths of run commands are written by their path from `out`, never by this machine's
+    # absolute path.
     here = out.resolve()
+    models = {r["model"] for r in res["runs"] if isinstance(r.get("model"), str)}
     for r in res["runs"]:
         absolute, r["path"] = str(r["path"]), os.path.relpath(r["path"], here)
+        if isinstance(r.get("model"), str):
+            r["model"] = rebase_paths(r["model"], [r["model"]], here)
         if r.get("command"):
-            r["command"] = r["command"].replace(str(Path(absolute).resolve()), r["path"]).replace(absolute, r["path"])
+            r["command"] = rebase_paths(r["command"], [absolute, *_run_command_paths(r["command"])], here)
+    res["warnings"] = [rebase_paths(w, models, here) for w in res["warnings"]]  # "runs differ in base models (...)"
     (out / "plots").mkdir(parents=True, exist_ok=True)
     plots = make_plots(res, out / "plots")
     prov = provenance(command)
@@ -1018,6 +1028,34 @@ def write_leaderboard(runs: list[Run], out: Path, command: str = "", baseline: s
 def _md_bold_to_html(text: str) -> str:
     parts = html.escape(text).split("**")
     return "".join(f"<b>{p}</b>" if i % 2 else p for i, p in enumerate(parts))
+
+
+RUN_PATH_OPTIONS = ("--out", "--model", "--config", "--deepspeed")  # the options of `rlzoo train` that name paths
+
+
+def _run_command_paths(command: str) -> list[str]:
+    """The values of ``RUN_PATH_OPTIONS`` in a run's recorded command."""
+    try:
+        args = shlex.split(command)
+    except ValueError:  # recorded by an older rlzoo, unquoted
+        args = command.split()
+    found = []
+    for before, arg in zip(["", *args], args):
+        option, eq, value = arg.partition("=")
+        if eq and option in RUN_PATH_OPTIONS:
+            found.append(value)
+        elif before in RUN_PATH_OPTIONS:
+            found.append(arg)
+    return found
+
+
+def rebase_paths(text: str, paths, base: Path) -> str:
+    """``text`` with every absolute path of ``paths`` in it (as a whole word, or the start of a longer path) replaced
+    by its path from ``base``; relative paths and names ("default", hub ids) are left as given."""
+    for p in sorted({p for p in paths if os.path.isabs(p)}, key=len, reverse=True):
+        shown = os.path.relpath(Path(p).resolve(), base)
+        text = re.sub(rf"(?<![^\s=\"']){re.escape(p)}(?=$|[\s/\"',)])", lambda _: shown, text)
+    return text
 
 
 def leaderboard_command(paths: list[Path], out: Path, baseline: str, metric: str) -> str:

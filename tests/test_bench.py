@@ -4,6 +4,7 @@ half-finished bench and the smoke preset end to end."""
 
 import importlib.util
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -180,6 +181,19 @@ def test_a_sweep_plans_the_same_grid_and_tuning_seeds_for_every_strategy(tmp_pat
             check_plan(other, tmp_path)
 
 
+def test_the_bench_command_keeps_relative_paths_as_given_and_names_no_machine_path(tmp_path, monkeypatch):
+    (tmp_path / "work" / "presets").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path / "work")
+    plan = _plan(configs=(str(tmp_path / "work" / "presets" / "quick.gin"), str(tmp_path / "shared" / "extra.gin")),
+                 model=str(tmp_path / "policy"))
+    command = bench_command(plan, Path("bench-quick"), 2, None)  # a relative --out, as the README's command gives it
+    assert command.startswith("rlzoo bench --algos ppo,grpo --task arith --model ../../../policy --seeds 2 ")
+    assert "--config presets/quick.gin --config ../../../shared/extra.gin " in command and command.endswith("--out bench-quick --jobs 2")
+    # outside the working folder, given absolute: by their path from the leaderboard folder (bench-quick/leaderboard above)
+    command = bench_command(plan, tmp_path / "b", 1, tmp_path / "b" / "board")
+    assert command.endswith("--out .. --jobs 1 --leaderboard .") and str(tmp_path) not in command
+
+
 def _tuning_run(run_dir, algo, seed, train, test, reward, status="finished", flops=None):
     """A finished tuning run: final train / test accuracy, and a rollout reward at every iteration."""
     write_run_folder(run_dir, algo, seed, {0: (0.4, 0.4), 4: (train, test)}, status=status)
@@ -332,10 +346,19 @@ def test_smoke_preset_end_to_end_writes_every_table_plot_and_the_html_page(tmp_p
     for plot in PLOTS:
         assert (board / "plots" / f"{plot}.png").stat().st_size > 0 and (board / "plots" / f"{plot}.svg").stat().st_size > 0
     page = (board / "index.html").read_text()
-    assert page.count("data:image/png;base64,") == len(PLOTS) and page.count("<table>") == 5
+    assert page.count("data:image/png;base64,") == len(PLOTS)
+    assert _table_titles(page) == ["Budget", "Accuracy", "Gains", "Generalization at matched train accuracy", "Speed and cost",
+                                   "Seconds per iteration by stage"]
     res = json.loads((board / "results.json").read_text())
     assert set(res["strategies"]) == {"grpo", "ppo"} and all(s["runs"] == 2 for s in res["strategies"].values())
     assert all(r["status"] == "finished" for r in res["runs"])
+
+
+def _table_titles(page: str) -> list[str]:
+    """The titles of the HTML page's tables, in order; every table has one."""
+    titles = re.findall(r"<h2>([^<]*)</h2><p>[^<]*</p><table>", page)
+    assert len(titles) == page.count("<table>")
+    return titles
 
 
 SMOKE = REPO / "benchmarks" / "smoke.gin"
@@ -389,6 +412,16 @@ def test_a_sweep_tunes_each_strategy_on_train_accuracy_runs_its_pick_and_a_rerun
     assert board["tuning"]["cost"]["runs"] == 4 and board["tuning"]["cost"]["episodes"] == 4 * 2 * 8
     readme = (out / "leaderboard" / "README.md").read_text()
     assert "## Tuning" in readme and "| train.lr=1e-4 | train.lr=3e-3 | pick |" in readme
+    assert "Tuning" in _table_titles((out / "leaderboard" / "index.html").read_text())
+    # Every path was given absolute: what gets committed names none of this machine's folders.
+    assert "--out .. --jobs 2" in json.loads((out / "leaderboard" / "results.json").read_text())["provenance"]["command"]
+    # The bench folder as a whole: its evaluation runs, not its tuning runs.
+    main(["leaderboard", str(out), "--out", str(tmp_path / "whole")])
+    assert sorted((r["algo"], r["seed"]) for r in json.loads((tmp_path / "whole" / "results.json").read_text())["runs"]) == [
+        ("grpo", 0), ("ppo", 0)]
+    for p in [*(out / "leaderboard").rglob("*"), *(tmp_path / "whole").rglob("*")]:
+        if p.suffix in (".md", ".json", ".csv", ".html"):
+            assert str(tmp_path) not in p.read_text(), p
     assert json.loads((out / "bench.json").read_text())["plan"]["sweep"] == [["train.lr", ["1e-4", "3e-3"]]]
 
     everything = sorted([*out.glob("tune/*/*/*/metrics.jsonl"), *out.glob("runs/*/metrics.jsonl"), *out.glob("logs/**/*.log")])

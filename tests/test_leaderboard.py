@@ -235,6 +235,12 @@ def test_gains_and_paired_differences_against_scipy(tmp_path):
 
 def test_leaderboard_records_no_machine_paths(tmp_path, monkeypatch):
     _bench_like_runs(tmp_path)  # run.json commands name their absolute run folders, as `rlzoo train` records them
+    # A run on another base model, given (as a bench gives every path) absolute: its model, --model and --config too.
+    other = tmp_path / "runs" / "grpo-seed2"
+    info = json.loads((other / "run.json").read_text())
+    info["model"] = str(tmp_path / "policy")
+    info["command"] += f" --model {tmp_path}/policy --config {tmp_path}/presets/quick.gin --set 'train.lr=1e-5'"
+    write_run(other, info)
     (tmp_path / "work").mkdir()
     monkeypatch.chdir(tmp_path / "work")  # paths given both ways: absolute runs, relative output
     main(["leaderboard", str(tmp_path / "runs"), "--out", "../board"])
@@ -247,6 +253,23 @@ def test_leaderboard_records_no_machine_paths(tmp_path, monkeypatch):
     assert "| ../runs/ppo-seed0 | ppo | 0 | finished |" in readme and "command: rlzoo leaderboard ../runs --out ." in readme
     runs_ = json.loads((board / "results.json").read_text())["runs"]
     assert runs_[0]["path"].startswith("../runs/") and runs_[0]["command"].endswith(f"--out {runs_[0]['path']}")
+    moved = next(r for r in runs_ if r["path"] == "../runs/grpo-seed2")
+    assert moved["model"] == "../policy" and moved["command"] == (
+        "rlzoo train --algo grpo --seed 2 --out ../runs/grpo-seed2 --model ../policy --config ../presets/quick.gin --set 'train.lr=1e-5'")
+    assert 'runs differ in base models ("../policy", "default")' in readme
+
+
+def test_a_bench_folders_tuning_runs_are_not_ranked_with_its_evaluation_runs(tmp_path):
+    bench = tmp_path / "bench"
+    for algo in ("ppo", "grpo"):
+        write_run_folder(bench / "runs" / f"{algo}-seed0", algo, 0, {0: (0.4, 0.4), 5: (0.6, 0.5)})
+        write_run_folder(bench / "tune" / algo / "train.lr=1e-4" / "seed1000", algo, 1000, {0: (0.4, 0.4), 5: (0.7, 0.5)})
+    (bench / "bench.json").write_text("{}")
+    assert sorted(r.path.name for r in find_runs([bench])) == ["grpo-seed0", "ppo-seed0"]
+    assert sorted(r.seed for r in find_runs([bench / "tune"])) == [1000, 1000]  # asked for by name, they are read
+    # a folder named tune that is no bench's tuning folder is searched like any other
+    (bench / "bench.json").unlink()
+    assert len(find_runs([bench])) == 4
 
 
 # -------------------------------------------------------------------------------------------- end to end
