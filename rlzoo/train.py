@@ -59,6 +59,7 @@ class TrainConfig:
     eval_top_p: float = 0.9  # evaluation sampler nucleus
     eval_train_problems: int = 256  # size of the fixed train subset evaluated for train accuracy
     eval_test_problems: int = 0  # problems per eval split (0: all)
+    eval_splits: tuple = ()  # task splits evaluated beside the train subset (empty: the task's own eval_splits)
     checkpoint_every: int = 10  # checkpoint every this many iterations (and at the end)
     keep_checkpoints: int = 2  # older checkpoints are deleted
     engine_batch_size: int = 256  # rows the engine decodes at once
@@ -252,6 +253,10 @@ def train(run_dir: str | Path, cfg: TrainConfig | None = None, command: str = ""
     ppo_cfg = PPOConfig()
     run_dir = Path(run_dir)
     task = get_task(cfg.task)
+    unknown = [s for s in cfg.eval_splits if s not in task.splits or s == "train"]
+    if unknown:
+        raise UserError(f"train.eval_splits names {', '.join(map(repr, unknown))}; task {task.name!r} can evaluate "
+                        f"{', '.join(s for s in task.splits if s != 'train')} (the train subset is always evaluated)")
     estimator = build_estimator(cfg.algo)
     deepspeed_config = check_launch(cfg, ppo_cfg, estimator.group_size)
     device = distributed.init(cfg.device)  # joins the launcher's process group (torchrun / deepspeed), if any
@@ -335,7 +340,7 @@ def train(run_dir: str | Path, cfg: TrainConfig | None = None, command: str = ""
     train_problems = task.problems("train")
     subset_order = torch.randperm(len(train_problems), generator=torch.Generator().manual_seed(derive_seed(cfg.seed, 0, 23)))
     eval_sets = {"train": [train_problems[int(i)] for i in subset_order[: cfg.eval_train_problems]]}
-    for split in task.eval_splits:
+    for split in cfg.eval_splits or task.eval_splits:
         problems = task.problems(split)
         eval_sets[split] = problems[: cfg.eval_test_problems] if cfg.eval_test_problems else problems
 

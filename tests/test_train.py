@@ -101,10 +101,13 @@ def test_every_evaluation_of_an_unchanged_policy_scores_the_same(tiny_policy_pat
     scores = [{k: v for k, v in r.items() if k.startswith("eval/")} for r in records if r["kind"] == "eval"]
     assert len(scores) == 3 and scores[0] == scores[1] == scores[2]
     assert 0 < scores[0]["eval/test/pass@1"] < 1 or 0 < scores[0]["eval/train/pass@1"] < 1  # samples that can differ
-    # another strategy with the same run seed is evaluated on the same problems with the same seeds
-    assert _train(tmp_path / "rloo", "rloo", tiny_policy_path, SMALL + evaluated + ["rloo.group_size = 2"], budget="iterations=1") == 0
+    # another strategy with the same run seed is evaluated on the same problems with the same seeds (here on
+    # train.eval_splits' choice of splits: test only, no ood_test)
+    only_test = ["rloo.group_size = 2", "train.eval_splits = ('test',)"]
+    assert _train(tmp_path / "rloo", "rloo", tiny_policy_path, SMALL + evaluated + only_test, budget="iterations=1") == 0
     first = next(r for r in runs.read_jsonl(tmp_path / "rloo" / "metrics.jsonl") if r["kind"] == "eval")
-    assert {k: v for k, v in first.items() if k.startswith("eval/")} == scores[0]
+    assert {k: v for k, v in first.items() if k.startswith("eval/")} == {k: v for k, v in scores[0].items() if "ood_test" not in k}
+    assert any("ood_test" in k for k in scores[0])
     # the update's FLOPs: 6·N per position (forward + backward), every epoch over the whole padded batch
     from transformers import AutoModelForCausalLM
 
@@ -187,7 +190,8 @@ def test_sigint_saves_a_checkpoint_and_exits_cleanly(tiny_policy_path, tmp_path)
 
 def test_bad_train_input_is_one_line_and_exit_2(tiny_policy_path, tmp_path, capsys):
     for args in (["--algo", "nope"], ["--algo", "grpo", "--budget", "weeks=3"], ["--algo", "grpo", "--set", "train.nope = 1"],
-                 ["--algo", "grpo", "--model", str(tmp_path / "missing")]):
+                 ["--algo", "grpo", "--model", str(tmp_path / "missing")],
+                 ["--algo", "grpo", "--model", str(tiny_policy_path), "--set", "train.eval_splits = ('train',)"]):
         with pytest.raises(SystemExit) as e:
             main(["train", "--out", str(tmp_path / "run")] + args)
         assert e.value.code == 2
