@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from rlzoo.errors import check_ranges
 from rlzoo.registry import Registry
 
 if TYPE_CHECKING:
@@ -56,6 +57,12 @@ class Estimator:
     critic: torch.nn.Module | None = None
     uses_rollouts: bool = False  # draws extra rollouts through ctx (VinePPO, ReMax)
     loss_agg: str | None = None  # a loss aggregation that is part of the method (Dr. GRPO); None: ppo.loss_agg
+    # Field -> rule (rlzoo.errors.check_ranges), checked as a dataclass estimator is built: a bad binding is one
+    # line that names it, before a run folder exists. A strategy with more numbers extends it.
+    ranges: dict[str, str] = {"group_size": ">= 1"}
+
+    def __post_init__(self) -> None:
+        check_ranges(self, self.ranges)
 
     def setup(self, ctx: Any) -> None:
         """Called once before training (e.g. to build a critic from the policy checkpoint)."""

@@ -65,6 +65,8 @@ class ValuePPO(Estimator):
     critic_minibatches: int = 4  # critic optimizer steps per epoch
     micro_batch_size: int = 64  # rows per critic forward/backward
     max_grad_norm: float = 1.0  # critic gradient clipping
+    ranges = {**Estimator.ranges, "gamma": "in [0, 1]", "lam": "in [0, 1]", "value_clip": "> 0", "critic_lr": ">= 0",
+              "critic_epochs": ">= 1", "critic_minibatches": ">= 1", "micro_batch_size": ">= 1", "max_grad_norm": "> 0"}
 
     def setup(self, ctx) -> None:
         world = distributed.world_size()
@@ -117,7 +119,7 @@ class ValuePPO(Estimator):
                     if i == len(micro_batches) - 1:  # all ranks decide alike
                         total, nonfinite = distributed.all_reduce([total, nonfinite])
                         if nonfinite:
-                            raise FloatingPointError(f"non-finite critic loss ({total})")
+                            raise FloatingPointError(f"non-finite critic loss ({total}): lower value_ppo.critic_lr")
                     self.trainer.backward(loss)
             self.trainer.step()
             losses.append(total)

@@ -36,6 +36,7 @@ class VinePPO(Estimator):
     k: int = 9  # MC continuations per state (the paper: 9)
     max_valued_steps: int = 100  # states after this many steps take the final reward as their value
     uses_rollouts: bool = True
+    ranges = {**Estimator.ranges, "k": ">= 1", "max_valued_steps": ">= 0"}
 
     def advantages(self, batch, ctx) -> Credit:
         # One state per valued step boundary of every response: (row, step index, token position).

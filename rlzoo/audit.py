@@ -498,7 +498,7 @@ def run_audit(task_name: str, out: Path, cfg: AuditConfig, policy: str | None = 
 
     from rlzoo.engine import ENGINES
     from rlzoo.leaderboard import provenance
-    from rlzoo.policy import load_policy
+    from rlzoo.policy import check_model, load_policy
     from rlzoo.tasks import get_task
     from rlzoo.train import TrainConfig
 
@@ -521,9 +521,12 @@ def run_audit(task_name: str, out: Path, cfg: AuditConfig, policy: str | None = 
         raise UserError("ppo's credit needs a critic: pass --critic RUN (a ppo run folder) or --critic-iterations N > 0 to train one")
     checkpoint = critic_checkpoint(Path(critic), task_name) if critic is not None else None
     model = policy_to_load(policy or (str(critic) if critic is not None else "default"), task_name)
+    check_model(model)
+    train_cfg = TrainConfig()  # the training sampler and engine as configured (gin)
     log = lambda message: print(f"audit: {message}", file=sys.stderr, flush=True)  # noqa: E731
 
     out = Path(out)
+    runs.check_out_dir(out)
     out.mkdir(parents=True, exist_ok=True)
     critic_info = None
     if "ppo" in cfg.algos:
@@ -538,7 +541,6 @@ def run_audit(task_name: str, out: Path, cfg: AuditConfig, policy: str | None = 
                        # what the critic cost PPO in training: its update, per iteration (inference is in compute)
                        "update_seconds_per_iteration": float(np.mean([r.get("time/critic", np.nan) for r in trains])) if trains else None}
 
-    train_cfg = TrainConfig()  # the training sampler and engine as configured (gin)
     cfg = replace(cfg, temperature=train_cfg.temperature, top_p=train_cfg.top_p)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     policy_model, tokenizer = load_policy(model, device=device)

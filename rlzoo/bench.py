@@ -46,7 +46,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from rlzoo.errors import UserError
-from rlzoo.runs import read_run
+from rlzoo.runs import check_out_dir, read_run
 
 DEFAULT_POLICY_TASKS = ("arith",)  # the built-in default policy is pretrained on these tasks only
 BUDGET_KINDS = ("iterations", "episodes", "seconds")
@@ -227,7 +227,7 @@ def make_plan(algos: str | list[str], task: str, model: str = "default", seeds: 
 
     apply_gin(paths, bindings)  # a bad binding stops the bench here, not in every run
     swept = parse_sweep(sweep, paths, bindings, canonical_budget)
-    return BenchPlan(
+    plan = BenchPlan(
         algos=tuple(names),
         task=task,
         model=model,
@@ -240,6 +240,32 @@ def make_plan(algos: str | list[str], task: str, model: str = "default", seeds: 
         sweep=swept,
         tune_seeds=tune_seeds if swept else 0,
     )
+    check_runs(plan)
+    return plan
+
+
+def check_runs(plan: BenchPlan) -> None:
+    """Build every run's config as its own ``rlzoo train`` will (rlzoo.train.check_config), for each strategy and
+    setting, so that a value gin accepts but a run refuses (train.lr=-1, grpo.group_size=0, a missing --model) is
+    one line before bench.json exists, not a failed run in a bench folder that then holds the wrong plan."""
+    import gin
+
+    from rlzoo.config import apply_gin
+    from rlzoo.train import TrainConfig, check_config
+
+    budget = []
+    if plan.budget:
+        kind, _, value = plan.budget.partition("=")
+        budget = [f"{BUDGET_BINDINGS[BUDGET_KINDS.index(kind)]} = {value}"] + (["train.iterations = 1000000000"] if kind != "iterations" else [])
+    for setting in [(), *grid(plan)]:
+        for algo in plan.algos:
+            identity = [f"train.algo = {algo!r}", f"train.task = {plan.task!r}", f"train.model = {plan.model!r}"]
+            apply_gin(plan.configs, [*plan.bindings, *setting, *budget, *(b.replace("'", '"') for b in identity)])
+            try:
+                check_config(TrainConfig())
+            except UserError as e:
+                raise UserError(f"--sweep setting {', '.join(setting)}: {e}" if setting else str(e)) from None
+    gin.clear_config()
 
 
 def _planned_run(plan: BenchPlan, name: str, algo: str, seed: int, run_dir: Path, setting: tuple[str, ...] = ()) -> PlannedRun:
@@ -501,6 +527,9 @@ def run_bench(plan: BenchPlan, out: Path, jobs: int = 1, leaderboard: Path | Non
     if jobs < 1:
         raise UserError(f"--jobs {jobs}: need at least 1")
     out = Path(out)
+    check_out_dir(out, "--out")
+    if leaderboard:
+        check_out_dir(leaderboard, "--leaderboard")
     out.mkdir(parents=True, exist_ok=True)
     with open(out / ".bench.lock", "w") as lock:  # two benches on one folder would run each run twice
         try:

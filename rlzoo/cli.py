@@ -133,7 +133,6 @@ def eval_(
     """Evaluate a model on a task split: pass@1 and maj@k."""
     import json
 
-    import torch
     from rich.console import Console
     from rich.table import Table
 
@@ -143,14 +142,21 @@ def eval_(
     from rlzoo.policy import load_policy
     from rlzoo.tasks import get_task
 
+    from rlzoo import distributed
+    from rlzoo.runs import check_out_dir
+
     if not 0.0 < top_p <= 1.0:
         raise UserError(f"--top-p {top_p}: must be in (0, 1]")
+    if out is not None:  # checked before the evaluation, whose result it would hold
+        check_out_dir(out.parent, "--out")
+        if out.is_dir():
+            raise UserError(f"--out {out} is a folder; give the path of the JSON file to write")
+    device = str(distributed.init(device or "auto"))
     apply_gin(config, set_)
     task_obj = get_task(task)
     if split not in task_obj.splits:
         raise UserError(f"task {task!r} has no split {split!r}; splits: {', '.join(task_obj.splits)}")
     engine_cls = ENGINES.get(engine)
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     policy, tokenizer = load_policy(model, device=device)
     result = evaluate(policy, tokenizer, engine_cls(policy, tokenizer), task_obj, split, samples, temperature, top_p, limit, seed)
     result = {"model": model, "task": task, **result}
@@ -214,13 +220,19 @@ def bench(
 def leaderboard_(
     runs: list[Path] = typer.Argument(..., help="run folders, or folders that contain them"),
     out: Path = typer.Option(Path("leaderboard"), help="output folder: README.md, results.csv/json, plots/, index.html"),
-    baseline: str = typer.Option("ppo", help="strategy that speed-ups and Welch tests compare against"),
+    baseline: str = typer.Option(None, help="strategy that speed-ups and Welch tests compare against (default: ppo)"),
     metric: str = typer.Option("pass@1", help="accuracy metric of the eval records (pass@1, maj@16, ...)"),
 ) -> None:
     """Aggregate run folders of one task: accuracy with CIs, generalization, speed, cost, plots, one HTML page."""
     from rlzoo.leaderboard import find_runs, leaderboard_command, write_leaderboard
+    from rlzoo.runs import check_out_dir
 
+    check_out_dir(out)
     found = find_runs(runs)
+    algos = sorted({r.algo for r in found})
+    if baseline is not None and baseline not in algos:  # named on purpose: a typo must not pass as "no baseline runs"
+        raise UserError(f"--baseline {baseline!r}: no run of that strategy among the runs; they ran {', '.join(algos)}")
+    baseline = baseline or "ppo"
     res = write_leaderboard(found, out, command=leaderboard_command(runs, out, baseline, metric), baseline=baseline, metric=metric)
     print(res["verdict"].replace("**", ""))
     print(f"rlzoo: leaderboard of {len(res['runs'])} runs in {out}/ (README.md, index.html)")
@@ -293,8 +305,8 @@ def _run(argv: list[str]) -> None:
         code = app(args=argv, standalone_mode=False, prog_name="rlzoo")
         if isinstance(code, int) and code:  # a typer.Exit(code), returned in this mode
             sys.exit(code)
-    except UserError as e:
-        print(f"rlzoo: error: {e}", file=sys.stderr)
+    except UserError as e:  # gin appends "In call to configurable ..." lines to errors raised while it builds a config
+        print(f"rlzoo: error: {(str(e).splitlines() or [''])[0]}", file=sys.stderr)
         sys.exit(2)
     except NO_ARGS_ERRORS as e:
         e.ctx and print(e.ctx.get_help())

@@ -75,10 +75,13 @@ def init(device: str = "auto") -> torch.device:
     problem = ""
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    resolved = torch.device(device)
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError):
+        resolved, problem = torch.device("cpu"), f"unknown device {device!r}; use cpu, cuda or cuda:N"
     if resolved.type == "cuda":
         if not torch.cuda.is_available():
-            problem = f"device {device!r} asked for, but torch sees no CUDA device; use train.device = 'cpu'"
+            problem = f"device {device!r} asked for, but torch sees no CUDA device; use cpu"
         else:
             index = resolved.index if resolved.index is not None else local_rank
             if index >= torch.cuda.device_count():
@@ -374,14 +377,21 @@ class Trained:
             return
         if not (folder / f"{name}.optim.pt").exists():
             raise UserError(f"{folder} was saved by DeepSpeed; resume it with the same --deepspeed config")
-        if hasattr(self.module, "save_pretrained"):
-            weights = type(self.module).from_pretrained(folder / name).state_dict()
-        else:
-            from safetensors.torch import load_file
+        try:
+            if hasattr(self.module, "save_pretrained"):
+                weights = type(self.module).from_pretrained(folder / name).state_dict()
+            else:
+                from safetensors.torch import load_file
 
-            weights = load_file(str(folder / f"{name}.safetensors"))
+                weights = load_file(str(folder / f"{name}.safetensors"))
+        except Exception as e:  # safetensors, transformers and the OS each raise their own on a cut or foreign file
+            reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise UserError(f"cannot load the {name} weights of {folder} ({reason}); delete that checkpoint folder to "
+                            "resume from an earlier one") from None
         self.module.load_state_dict(weights)
-        saved = torch.load(folder / f"{name}.optim.pt", weights_only=False)
+        from rlzoo.runs import load_torch_file
+
+        saved = load_torch_file(folder / f"{name}.optim.pt")
         self.optimizer.load_state_dict(saved["optimizer"])
         self.scheduler.load_state_dict(saved["scheduler"])
 

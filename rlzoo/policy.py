@@ -31,7 +31,7 @@ from pathlib import Path
 import gin
 import torch
 
-from rlzoo.errors import UserError
+from rlzoo.errors import UserError, check_ranges
 
 SPECIAL_TOKENS = ("<pad>", "<s>", "</s>", "<unk>")  # pad, bos, eos, unk: ids 0..3 of a char tokenizer
 PRETRAIN_FORMAT = 1  # bump when pretraining changes in a way that makes old cached policies stale
@@ -80,6 +80,18 @@ def _is_local_path(name: str) -> bool:
     return Path(name).expanduser().exists() or name.startswith(("/", ".", "~")) or name.count("/") > 1 or "\\" in name
 
 
+def check_model(name_or_path: str) -> None:
+    """Refuse a local model path that cannot be a model folder, as cheaply as a stat: commands check it before
+    they write anything (a hub id is only checked as it loads)."""
+    if name_or_path == "default" or not _is_local_path(name_or_path):
+        return
+    path = Path(name_or_path).expanduser()
+    if not path.is_dir():
+        raise UserError(f"model path {name_or_path!r} does not exist (give a folder written by save_pretrained, a hub id, or 'default')")
+    if not (path / "config.json").is_file():
+        raise UserError(f"model folder {name_or_path!r} has no config.json (give a folder written by save_pretrained)")
+
+
 def load_policy(name_or_path: str, device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None):
     """(model, tokenizer) for a hub id, a local folder written by ``save_pretrained``, or ``"default"``.
 
@@ -90,17 +102,11 @@ def load_policy(name_or_path: str, device: str | torch.device = "cpu", dtype: st
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # per-file loading bars: noise next to rlzoo's own output
+    check_model(name_or_path)
     if name_or_path == "default":
         source = str(default_policy_path())
-    elif _is_local_path(name_or_path):
-        path = Path(name_or_path).expanduser()
-        if not path.is_dir():
-            raise UserError(f"model path {name_or_path!r} does not exist (give a folder written by save_pretrained, a hub id, or 'default')")
-        if not (path / "config.json").is_file():
-            raise UserError(f"model folder {name_or_path!r} has no config.json (give a folder written by save_pretrained)")
-        source = str(path)
     else:
-        source = name_or_path
+        source = str(Path(name_or_path).expanduser()) if _is_local_path(name_or_path) else name_or_path
     if isinstance(dtype, str):
         if not isinstance(getattr(torch, dtype, None), torch.dtype):
             raise UserError(f"unknown dtype {dtype!r}; use float32, bfloat16 or float16")
@@ -143,6 +149,14 @@ class PretrainConfig:
     weight_decay: float = 0.0  # AdamW decoupled weight decay
     grad_clip: float = 1.0  # max global grad norm
     seed: int = 0  # initial weights and data order
+
+    def __post_init__(self):
+        check_ranges(self, {"hidden_size": ">= 1", "num_layers": ">= 1", "num_heads": ">= 1", "intermediate_size": ">= 1",
+                            "steps": ">= 1", "batch_size": ">= 1", "lr": ">= 0", "warmup_steps": ">= 0",
+                            "weight_decay": ">= 0", "grad_clip": "> 0"}, "pretrain")
+        if self.hidden_size % self.num_heads:
+            raise UserError(f"pretrain.hidden_size = {self.hidden_size} does not split over pretrain.num_heads = "
+                            f"{self.num_heads} attention heads; use a multiple of {self.num_heads}")
 
 
 # Presets: field values under the gin bindings (a binding of pretrain.X beats the preset's X).
@@ -195,6 +209,8 @@ def _sft_data(cfg: PretrainConfig, home: Path | None) -> tuple[object, list[tupl
     from rlzoo.tasks import TASKS
 
     task_cls = TASKS.get(cfg.task)
+    if not hasattr(task_cls, "alphabet"):  # checked first: the default knobs are arith's, and would be named instead
+        raise UserError(f"task {cfg.task!r} has no character alphabet; the built-in policy pretrains on tasks that do (arith)")
     defaults = {k: p.default for k, p in inspect.signature(task_cls).parameters.items() if p.default is not p.empty}
     unknown = set(cfg.task_kwargs) - set(defaults)
     if unknown:
@@ -275,8 +291,6 @@ def pretrain(cfg: PretrainConfig, home: Path | None = None, force: bool = False,
     if (folder / "pretrain.json").is_file() and not force:
         return folder
 
-    if not hasattr(task, "alphabet"):
-        raise UserError(f"task {cfg.task!r} has no character alphabet; the built-in policy pretrains on tasks that do (arith)")
     tokenizer = build_char_tokenizer(task.alphabet)
     model = build_model(cfg, tokenizer).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)

@@ -37,14 +37,15 @@ class PPOConfig:
     ratio_skip_threshold: float = 5.0  # a minibatch whose mean ratio exceeds this (or 1/this) is skipped and counted
 
     def __post_init__(self):
-        from rlzoo.errors import UserError
+        from rlzoo.errors import UserError, check_ranges
 
         if self.loss_agg not in AGGREGATIONS:
             raise UserError(f"ppo.loss_agg = {self.loss_agg!r}; expected one of {', '.join(AGGREGATIONS)}")
         if self.kl_mode not in KL_MODES:
             raise UserError(f"ppo.kl_mode = {self.kl_mode!r}; expected one of {', '.join(KL_MODES)}")
-        if self.epochs < 1 or self.minibatches < 1 or self.micro_batch_size < 1:
-            raise UserError("ppo.epochs, ppo.minibatches and ppo.micro_batch_size must be >= 1")
+        check_ranges(self, {"clip_eps": "> 0", "kl_coef": ">= 0", "kl_clamp": "> 0", "loss_norm_tokens": ">= 0", "epochs": ">= 1",
+                            "minibatches": ">= 1", "micro_batch_size": ">= 1", "max_grad_norm": "> 0",
+                            "ratio_skip_threshold": ">= 1"}, "ppo")
 
 
 # ----------------------------------------------------------------------------- log-probs
@@ -198,7 +199,8 @@ def ppo_update(policy, batch, advantages, cfg: PPOConfig, temperature: float, ge
                 if last:  # every rank sees the global minibatch's statistics and decides alike
                     stats = dict(zip(summed, distributed.all_reduce([stats[k] for k in summed])))
                     if stats["nonfinite"]:
-                        raise FloatingPointError(f"non-finite policy loss ({stats['loss/policy']}) in the PPO update")
+                        raise FloatingPointError(f"non-finite policy loss ({stats['loss/policy']}) in the PPO update: "
+                                                 "lower train.lr or raise ppo.kl_coef")
                     r = stats["ppo/ratio_mean"]
                     skip = not (1.0 / cfg.ratio_skip_threshold <= r <= cfg.ratio_skip_threshold)
                 policy.backward(loss, drop=skip)

@@ -40,6 +40,8 @@ import json
 import os
 from pathlib import Path
 
+from rlzoo.errors import UserError
+
 FORMAT = 1
 
 
@@ -58,16 +60,49 @@ def read_jsonl(path: Path) -> list[dict]:
     for line in Path(path).read_text().splitlines():
         if line.strip():
             try:
-                records.append(json.loads(line))
+                record = json.loads(line)
             except json.JSONDecodeError:  # a line cut by a kill mid-write: everything before it stands
                 break
+            if not isinstance(record, dict):  # a cut that happens to parse (a bare number)
+                break
+            records.append(record)
     return records
+
+
+def check_out_dir(path: Path, what: str = "--out") -> None:
+    """Refuse an output folder that is a file or lies under one, before any work whose results it would hold."""
+    for folder in [Path(path), *Path(path).parents]:
+        if folder.exists():
+            if not folder.is_dir():
+                raise UserError(f"{what} {path}: {folder} is a file, not a folder; pick another path")
+            return
 
 
 def read_run(run_dir: Path) -> dict:
     """run.json of a run folder (empty dict if absent)."""
     p = Path(run_dir) / "run.json"
-    return json.loads(p.read_text()) if p.exists() else {}
+    if not p.exists():
+        return {}
+    try:
+        info = json.loads(p.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{p} is not valid JSON ({e}); fix it, or delete {run_dir} to start over") from None
+    if not isinstance(info, dict):
+        raise UserError(f"{p} is not a run.json (not a JSON object); fix it, or delete {run_dir} to start over")
+    return info
+
+
+def load_torch_file(path: Path) -> dict:
+    """A checkpoint's torch file (state.pt, NAME.optim.pt) as tensors and plain values, never unpickling
+    anything else: a run folder may come from someone else, and a pickled object runs code as it loads."""
+    import torch
+
+    try:
+        return torch.load(path, weights_only=True)
+    except Exception:  # UnpicklingError for a foreign object or garbage; RuntimeError, EOFError ... for a cut file
+        raise UserError(f"{path} is not a checkpoint rlzoo wrote: it is corrupt, or holds objects other than tensors "
+                        "and plain values, refused because loading them could run code; delete its checkpoint "
+                        "folder to resume from an earlier one") from None
 
 
 def write_run(run_dir: Path, info: dict) -> None:

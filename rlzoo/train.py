@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import re
 import resource
 import shutil
 import signal
@@ -26,10 +27,10 @@ import torch
 from rlzoo import distributed, runs
 from rlzoo.algorithms import Estimator, build_estimator
 from rlzoo.engine import ENGINES, SamplingParams
-from rlzoo.errors import UserError
+from rlzoo.errors import UserError, check_ranges
 from rlzoo.ppo import PPOConfig, batched_logprobs, kl_k1, kl_k3, masked_mean, masked_whiten, ppo_update
 from rlzoo.rollout import EstimatorContext, build_batch
-from rlzoo.tasks import Problem, get_task
+from rlzoo.tasks import Problem, Task, get_task
 
 
 @gin.configurable("train")
@@ -64,6 +65,16 @@ class TrainConfig:
     keep_checkpoints: int = 2  # older checkpoints are deleted
     engine_batch_size: int = 256  # rows the engine decodes at once
     deepspeed_config: str = ""  # DeepSpeed JSON (ZeRO 1-3, offload) to train the policy and any critic with; "": PyTorch (DDP under a launcher)
+
+    def __post_init__(self):
+        check_ranges(self, {
+            "iterations": ">= 1", "max_episodes": ">= 0", "max_seconds": ">= 0", "prompts_per_iteration": ">= 1",
+            "temperature": "> 0", "top_p": "in (0, 1]", "max_new_tokens": ">= 0", "lr": ">= 0", "warmup_ratio": "in [0, 1]",
+            "weight_decay": ">= 0", "eval_every": ">= 1", "eval_samples": ">= 1", "eval_temperature": ">= 0",
+            "eval_top_p": "in (0, 1]", "eval_train_problems": ">= 0", "eval_test_problems": ">= 0",
+            "checkpoint_every": ">= 1", "keep_checkpoints": ">= 1", "engine_batch_size": ">= 1"}, "train")
+        if self.lr_schedule not in ("constant", "linear", "cosine"):
+            raise UserError(f"train.lr_schedule = {self.lr_schedule!r}; expected 'constant', 'linear' or 'cosine'")
 
 
 def derive_seed(seed: int, iteration: int, salt: int) -> int:
@@ -179,11 +190,15 @@ def batch_on(batch, device):
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
-    pointer = run_dir / "checkpoints" / "latest"
-    if not pointer.exists():
-        return None
-    path = run_dir / "checkpoints" / pointer.read_text().strip()
-    return path if (path / "state.pt").exists() else None
+    """The checkpoint to resume from: the one "latest" names, else the newest complete one (a checkpoint folder
+    is renamed into place whole, so one with its state.pt is complete): a lost or stale pointer costs no progress."""
+    root = run_dir / "checkpoints"
+    pointer = root / "latest"
+    name = pointer.read_text().strip() if pointer.is_file() else ""
+    if re.fullmatch(r"iter_\d+", name) and (root / name / "state.pt").is_file():
+        return root / name
+    complete = sorted(p for p in root.glob("iter_*") if (p / "state.pt").is_file())
+    return complete[-1] if complete else None
 
 
 def save_checkpoint(run_dir: Path, state: dict, trained: dict, tokenizer, estimator: Estimator, keep: int) -> None:
@@ -225,6 +240,38 @@ def check_launch(cfg: TrainConfig, ppo_cfg: PPOConfig, group_size: int) -> dict 
     return distributed.load_deepspeed_config(cfg.deepspeed_config) if cfg.deepspeed_config else None
 
 
+def check_config(cfg: TrainConfig) -> tuple[PPOConfig, Task, Estimator]:
+    """The run's PPO config, task and estimator, each checked as it is built (their ``__post_init__``), and the
+    bindings that are only wrong together. Run before anything is written; ``rlzoo bench`` runs it for each
+    strategy before its bench.json exists, so a bad binding never leaves a half-made run or bench."""
+    from rlzoo.policy import check_model, pretrain_config
+
+    ppo_cfg = PPOConfig()
+    check_model(cfg.model)
+    if cfg.model == "default":
+        pretrain_config()  # the bindings the built-in policy would be built with
+    task = get_task(cfg.task)
+    unknown = [s for s in cfg.eval_splits if s not in task.splits or s == "train"]
+    if unknown:
+        raise UserError(f"train.eval_splits names {', '.join(map(repr, unknown))}; task {task.name!r} can evaluate "
+                        f"{', '.join(s for s in task.splits if s != 'train')} (the train subset is always evaluated)")
+    return ppo_cfg, task, build_estimator(cfg.algo)
+
+
+def run_problems(cfg: TrainConfig, task: Task) -> tuple[list[Problem], dict[str, list[Problem]]]:
+    """The train split and the evaluation sets (a fixed, seeded subset of the train split; each eval split, cut
+    to train.eval_test_problems). Reading them checks a dataset-backed task's files."""
+    train_problems = task.problems("train")
+    if not train_problems:
+        raise UserError(f"task {task.name!r} has no train problems")
+    subset_order = torch.randperm(len(train_problems), generator=torch.Generator().manual_seed(derive_seed(cfg.seed, 0, 23)))
+    eval_sets = {"train": [train_problems[int(i)] for i in subset_order[: cfg.eval_train_problems]]}
+    for split in cfg.eval_splits or task.eval_splits:
+        problems = task.problems(split)
+        eval_sets[split] = problems[: cfg.eval_test_problems] if cfg.eval_test_problems else problems
+    return train_problems, eval_sets
+
+
 def merge_eval(parts: list[dict]) -> dict:
     """One evaluation from the results of ranks that each evaluated a part of the problems:
     per-problem means weighted by problem counts (every problem has the same number of samples)."""
@@ -250,14 +297,10 @@ def train(run_dir: str | Path, cfg: TrainConfig | None = None, command: str = ""
     from rlzoo.policy import load_policy
 
     cfg = cfg or TrainConfig()
-    ppo_cfg = PPOConfig()
     run_dir = Path(run_dir)
-    task = get_task(cfg.task)
-    unknown = [s for s in cfg.eval_splits if s not in task.splits or s == "train"]
-    if unknown:
-        raise UserError(f"train.eval_splits names {', '.join(map(repr, unknown))}; task {task.name!r} can evaluate "
-                        f"{', '.join(s for s in task.splits if s != 'train')} (the train subset is always evaluated)")
-    estimator = build_estimator(cfg.algo)
+    runs.check_out_dir(run_dir, "run folder")
+    ppo_cfg, task, estimator = check_config(cfg)
+    train_problems, eval_sets = run_problems(cfg, task)
     deepspeed_config = check_launch(cfg, ppo_cfg, estimator.group_size)
     device = distributed.init(cfg.device)  # joins the launcher's process group (torchrun / deepspeed), if any
     if deepspeed_config is not None:
@@ -308,7 +351,7 @@ def train(run_dir: str | Path, cfg: TrainConfig | None = None, command: str = ""
     state = {"iteration": 0, "episodes": 0, "train_seconds": 0.0, "tokens": {}, "flops": 0}
     checkpoint = latest_checkpoint(run_dir)
     if checkpoint is not None:
-        saved = torch.load(checkpoint / "state.pt", weights_only=False)
+        saved = runs.load_torch_file(checkpoint / "state.pt")
         if deepspeed_config is not None and saved.get("processes", 1) != distributed.world_size():
             raise UserError(f"{checkpoint} was written by {saved.get('processes', 1)} process(es), each holding its part of "
                             f"DeepSpeed's optimizer state; resume it with {saved.get('processes', 1)}, not {distributed.world_size()}")
@@ -319,9 +362,16 @@ def train(run_dir: str | Path, cfg: TrainConfig | None = None, command: str = ""
         estimator.load_state_dict(saved["estimator"])
         state = {k: saved.get(k, state[k]) for k in state}  # a checkpoint from before FLOPs were counted has none
         ctx.tokens.update(state["tokens"])
+        lost = []  # train records the checkpoint had logged that metrics.jsonl no longer holds (cut or edited since)
         if main:  # keep exactly what the checkpoint had seen: train records up to it, evals before it
             kept = [r for r in runs.read_jsonl(run_dir / "metrics.jsonl")
-                    if r["iteration"] < state["iteration"] or (r["kind"] == "train" and r["iteration"] == state["iteration"])]
+                    if r.get("iteration", -1) < state["iteration"]
+                    or (r.get("kind") == "train" and r.get("iteration") == state["iteration"])]
+            lost = sorted(set(range(1, state["iteration"] + 1)) - {r.get("iteration") for r in kept if r.get("kind") == "train"})
+        distributed.check(not lost, f"{run_dir / 'metrics.jsonl'} lacks the train records of iterations {lost[0]}..{lost[-1]} "
+                          f"that {checkpoint} had logged; resuming would leave a hole in its curves: restore the file, "
+                          f"or delete {run_dir} to start over" if lost else "")
+        if main:
             (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in kept))
             print(f"rlzoo: resuming {run_dir} from iteration {state['iteration']}")
     elif main:
@@ -337,13 +387,6 @@ def train(run_dir: str | Path, cfg: TrainConfig | None = None, command: str = ""
     from torch.utils.tensorboard import SummaryWriter
 
     tb = SummaryWriter(str(run_dir / "tb")) if main else None
-    train_problems = task.problems("train")
-    subset_order = torch.randperm(len(train_problems), generator=torch.Generator().manual_seed(derive_seed(cfg.seed, 0, 23)))
-    eval_sets = {"train": [train_problems[int(i)] for i in subset_order[: cfg.eval_train_problems]]}
-    for split in cfg.eval_splits or task.eval_splits:
-        problems = task.problems(split)
-        eval_sets[split] = problems[: cfg.eval_test_problems] if cfg.eval_test_problems else problems
-
     def log(record: dict) -> None:
         if not main:
             return
@@ -442,7 +485,7 @@ def train(run_dir: str | Path, cfg: TrainConfig | None = None, command: str = ""
             update_stats = ppo_update(trainer, batch_on(batch, device), advantages.to(device), ppo_cfg, cfg.temperature,
                                       torch.Generator().manual_seed(derive_seed(cfg.seed, it, 3)), norm_tokens)
             if not all(torch.isfinite(p).all() for p in policy.parameters()):
-                raise FloatingPointError("the PPO update made the policy's weights non-finite")
+                raise FloatingPointError("the PPO update made the policy's weights non-finite: lower train.lr or raise ppo.kl_coef")
             with ctx.sampling_weights():
                 engine.sync_weights(policy)
 
@@ -505,8 +548,9 @@ def train(run_dir: str | Path, cfg: TrainConfig | None = None, command: str = ""
     except FloatingPointError as e:
         if main:
             runs.write_run(run_dir, runs.read_run(run_dir) | {"status": "failed", "error": str(e)})
-        raise UserError(f"{e} at iteration {state['iteration']}; the last good checkpoint in {run_dir}/checkpoints "
-                        f"is intact (lower train.lr or raise ppo.kl_coef)") from None
+        kept = latest_checkpoint(run_dir)
+        where = f"the last good checkpoint, {kept}, is intact" if kept else "no checkpoint had been saved yet"
+        raise UserError(f"{e} (stopped at iteration {state['iteration']}; {where})") from None
     finally:
         tb and tb.close()
     if main:

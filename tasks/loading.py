@@ -52,12 +52,19 @@ def load_rows(spec: str, split: str, columns: dict[str, str]) -> list[dict[str, 
     """The rows of ``spec`` as dicts keyed by the task's field names (``columns``: field -> source column)."""
     import datasets  # heavy (pyarrow, pandas): only when a task reads data
 
+    datasets.disable_progress_bars()
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # its error log lines repeat the exception we turn into one line
     builder = _file_builder(spec)
     try:
         if builder is not None:
             if not Path(spec).expanduser().is_file():
                 raise UserError(f"data file {spec} does not exist (for split {split!r}); give an existing file")
-            table = datasets.load_dataset(builder, data_files=str(Path(spec).expanduser()), split="train")
+            try:
+                table = datasets.load_dataset(builder, data_files=str(Path(spec).expanduser()), split="train")
+            except StopIteration:  # the json builder, on a file with no rows
+                raise UserError(f"data file {spec} is empty (for split {split!r}); give a file with rows") from None
+            except (OSError, EOFError) as e:  # a corrupt or cut .gz
+                raise UserError(f"cannot read {spec}: {e}") from None
         else:
             name, _, hub_split = spec.partition("@")
             name, _, config = name.partition(":")
