@@ -136,14 +136,13 @@ def eval_(
     from rich.console import Console
     from rich.table import Table
 
+    from rlzoo import distributed
     from rlzoo.config import apply_gin
     from rlzoo.engine import ENGINES
     from rlzoo.evaluate import evaluate
     from rlzoo.policy import load_policy
-    from rlzoo.tasks import get_task
-
-    from rlzoo import distributed
     from rlzoo.runs import check_out_dir
+    from rlzoo.tasks import get_task
 
     if not 0.0 < top_p <= 1.0:
         raise UserError(f"--top-p {top_p}: must be in (0, 1]")

@@ -43,7 +43,9 @@ WORKER_MEMORY_BYTES = 3 * 1024**3  # address-space cap of one worker; an idle on
 WORKER_START_TIMEOUT_S = 120.0  # a worker not ready by then means a broken install, not a bad input
 CHUNK_SIZE = 64  # most items per round-trip to a worker
 _SOURCE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # so that workers import this rlzoo
-_PLAIN_INTEGER = re.compile(r"[-+]?\d{1,100}")
+# ASCII digits only: Python's \d and int() also take other scripts' digits ("４２"), which math-verify, the judge
+# this shortcut must agree with, decides for itself.
+_PLAIN_INTEGER = re.compile(r"[-+]?[0-9]{1,100}")
 
 
 def _wrap(answer: str) -> str:

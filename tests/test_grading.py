@@ -49,6 +49,10 @@ def test_integer_shortcut_agrees_with_math_verify():
     for gold, pred in pairs:
         expected = verify(parse(f"${gold}$"), parse(f"${pred}$"))  # in-process: pytest runs tests in the main thread
         assert grading._equal_without_math_verify(gold, pred) == expected, (gold, pred)
+    # digits of other scripts (fullwidth, Arabic-Indic) are no plain integer: math-verify decides, through the pool
+    for gold, pred in [("42", "４２"), ("42", "٤٢"), ("-3", "-３")]:
+        assert grading._equal_without_math_verify(gold, pred) is None, (gold, pred)
+        assert grade_answers([(gold, pred)]) == [float(verify(parse(f"${gold}$"), parse(f"${pred}$")))], (gold, pred)
 
 
 SHORT_ADVERSARIAL = ["9**9**9**9", "9^{9^{9^{9}}}", "2^{10^9}"]
