@@ -22,14 +22,29 @@ def group_mean_std(scores: torch.Tensor, group_ids: torch.Tensor) -> tuple[torch
     return mean[group_ids], std[group_ids], size[group_ids]
 
 
+def group_all_equal(scores: torch.Tensor, group_ids: torch.Tensor) -> torch.Tensor:
+    """Per row, whether every score of the row's group is equal. scores, group_ids: [B] -> [B] bool.
+
+    Compared exactly (max == min), not through the float32 mean and std: those of equal non-binary scores
+    are off by rounding (eight 0.3s have mean 0.30000001), which the std division turns into advantages
+    of 0.03-0.15 where the group carries no signal at all."""
+    n_groups = int(group_ids.max()) + 1
+    high = torch.zeros(n_groups).scatter_reduce(0, group_ids, scores, "amax", include_self=False)
+    low = torch.zeros(n_groups).scatter_reduce(0, group_ids, scores, "amin", include_self=False)
+    return (high == low)[group_ids]
+
+
 def grpo_advantages(scores: torch.Tensor, group_ids: torch.Tensor, eps: float, scale: bool) -> torch.Tensor:
     """(r - mean_group) / (std_group + eps), or r - mean_group if not ``scale``. [B] -> [B].
 
     A group of one has no peers to compare with: its advantage is 0 (its own reward is its baseline).
+    An all-equal group gets exactly 0 too; the arithmetic of every other group is left as it was, so runs on
+    binary rewards (whose equal groups already came out 0) reproduce bit for bit.
     """
     mean, std, _ = group_mean_std(scores, group_ids)
     centred = scores - mean
-    return centred / (std + eps) if scale else centred
+    adv = centred / (std + eps) if scale else centred
+    return torch.where(group_all_equal(scores, group_ids), torch.zeros_like(adv), adv)
 
 
 @ESTIMATORS.register("grpo")

@@ -9,15 +9,17 @@ import gin
 import torch
 
 from rlzoo.algorithms import ESTIMATORS, Credit, Estimator
-from rlzoo.algorithms.grpo import group_mean_std
+from rlzoo.algorithms.grpo import group_all_equal, group_mean_std
 
 
 def rloo_advantages(scores: torch.Tensor, group_ids: torch.Tensor) -> torch.Tensor:
-    """r_i - mean_{j != i} r_j within each group; 0 for a group of one. [B] -> [B]."""
+    """r_i - mean_{j != i} r_j within each group; 0 for a group of one and exactly 0 for an all-equal group
+    (whose float32 leave-one-out mean of non-binary rewards is off by rounding). [B] -> [B]."""
     mean, _, size = group_mean_std(scores, group_ids)
     others = size - 1
     leave_one_out = (mean * size - scores) / others.clamp(min=1)
-    return torch.where(others > 0, scores - leave_one_out, torch.zeros_like(scores))
+    no_signal = (others == 0) | group_all_equal(scores, group_ids)
+    return torch.where(no_signal, torch.zeros_like(scores), scores - leave_one_out)
 
 
 @ESTIMATORS.register("rloo")

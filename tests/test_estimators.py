@@ -81,6 +81,32 @@ def test_grpo_dr_grpo_and_rloo_match_their_per_group_closed_forms():
         assert torch.all(adv[4:8] == 0) and torch.isfinite(adv).all()
 
 
+def test_an_all_equal_group_of_graded_rewards_gets_exactly_zero_advantage():
+    # float32 means and stds of equal non-binary rewards are off by rounding (eight 0.3s: mean 0.30000001), which the
+    # std division used to turn into advantages of 0.03-0.15; mixed groups beside them keep their advantages.
+    groups = torch.arange(6).repeat_interleave(8)  # [48]: 6 prompts x 8 samples
+    scores = torch.cat([torch.full((8,), r) for r in (0.3, 0.7, 0.1, 1 / 3, 0.9)] + [torch.linspace(0, 0.7, 8)])
+    for adv in (grpo_advantages(scores, groups, 1e-6, scale=True), grpo_advantages(scores, groups, 0.0, scale=False),
+                rloo_advantages(scores, groups)):
+        assert torch.all(adv[:40] == 0)
+        assert torch.all(adv[40:] != 0)
+
+
+def test_group_advantages_of_binary_rewards_are_bit_identical_to_the_plain_arithmetic():
+    # Committed leaderboards ran on binary rewards: the all-equal check must not move a single bit of their advantages.
+    gen = torch.Generator().manual_seed(0)
+    groups = torch.arange(64).repeat_interleave(8)
+    scores = (torch.rand(512, generator=gen) < torch.rand(64, generator=gen).repeat_interleave(8)).float()
+    scores[:16] = 1.0  # two all-correct groups and ...
+    scores[16:32] = 0.0  # ... two all-wrong ones
+    n = torch.zeros(64).index_add_(0, groups, torch.ones(512))
+    mean = (torch.zeros(64).index_add_(0, groups, scores) / n)[groups]
+    std = torch.sqrt(torch.zeros(64).index_add_(0, groups, (scores - mean) ** 2) / (n - 1))[groups]
+    assert torch.equal(grpo_advantages(scores, groups, 1e-6, scale=True), (scores - mean) / (std + 1e-6))
+    assert torch.equal(grpo_advantages(scores, groups, 0.0, scale=False), scores - mean)
+    assert torch.equal(rloo_advantages(scores, groups), scores - (mean * 8 - scores) / 7)
+
+
 def test_every_builtin_strategy_is_registered_and_unknown_names_list_them():
     for name in ["ppo", "grpo", "dr_grpo", "rloo", "vineppo", "reinforce", "remax", "reinforce_pp"]:
         assert name in ESTIMATORS
