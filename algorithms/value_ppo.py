@@ -24,7 +24,10 @@ class ValueModel(nn.Module):
         super().__init__()
         from transformers import AutoModel
 
-        self.body = AutoModel.from_pretrained(model_path)
+        from rlzoo.policy import disable_dropout
+
+        # Off as in the policy: values taken at rollout time (eval mode) and regressed in the update (train mode) are one function.
+        self.body = disable_dropout(AutoModel.from_pretrained(model_path))
         self.head = nn.Linear(self.body.config.hidden_size, 1)
         nn.init.zeros_(self.head.weight)  # V = 0 everywhere at the start: the critic learns its scale
         nn.init.zeros_(self.head.bias)

@@ -118,12 +118,37 @@ def load_policy(name_or_path: str, device: str | torch.device = "cpu", dtype: st
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
         where = "model folder" if Path(source).is_dir() else "model (not a local folder, and not loadable from the Hugging Face hub)"
         raise UserError(f"cannot load {where} {name_or_path!r}: {reason}") from None
+    if tokenizer.pad_token is None and tokenizer.eos_token is None:  # rollout batches pad with one of them
+        raise UserError(f"the tokenizer of {name_or_path!r} has neither a pad nor an EOS token; give it one "
+                        "(tokenizer.add_special_tokens({'pad_token': ...}) or eos_token) and save_pretrained it again")
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"
     if getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = tokenizer.pad_token_id
-    return model.to(device).eval(), tokenizer
+    return disable_dropout(model).to(device).eval(), tokenizer
+
+
+def disable_dropout(model: torch.nn.Module) -> torch.nn.Module:
+    """``model`` with every dropout off, in train mode too, as the VinePPO reference's ``disable_dropout``.
+
+    PPO's ratio divides a train-mode forward by log-probs taken in eval mode (the old and reference log-probs,
+    the sampler's): with dropout on, it is 0.9-1.1 before any update, and the clip spends itself on noise.
+    Zeroed three ways, since architectures drop out differently: ``nn.Dropout`` modules (GPT-2), float
+    ``*dropout*`` attributes that modules copied from their config and pass to attention kernels (Llama's
+    ``attention_dropout``), and the config's own fields, so that a checkpoint saved from it reloads without.
+    Used on the policy (and so the reference, its copy) and the critic. Returns ``model``."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.modules.dropout._DropoutNd):
+            module.p = 0.0
+        for name, value in list(vars(module).items()):
+            if "dropout" in name and isinstance(value, float):
+                setattr(module, name, 0.0)
+    config = getattr(model, "config", None)
+    for name, value in list(vars(config).items()) if config is not None else []:
+        if ("dropout" in name or name.endswith("_pdrop")) and isinstance(value, float):
+            setattr(config, name, 0.0)
+    return model
 
 
 # ------------------------------------------------------------------------------------ the built-in default

@@ -127,3 +127,73 @@ def test_load_policy_rejects_a_folder_without_a_model(tmp_path):
     assert "\n" not in str(info.value)
     with pytest.raises(UserError, match="unknown dtype"):
         load_policy(str(tmp_path), dtype="float99")
+
+
+def _save_tiny(folder, arch: str, tokenizer, dropout: float = 0.0):
+    """A tiny random GPT-2 or Llama beside ``tokenizer``, saved as a user's checkpoint would be."""
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    if arch == "gpt2":
+        config = GPT2Config(n_layer=1, n_embd=32, n_head=2, n_positions=128, vocab_size=len(tokenizer),
+                            resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout)
+        model = GPT2LMHeadModel(config)
+    else:  # Llama drops out inside the attention kernel, from a float it copied from its config
+        config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                             num_key_value_heads=2, max_position_embeddings=128, vocab_size=len(tokenizer),
+                             attention_dropout=dropout)
+        model = LlamaForCausalLM(config)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_dropout_is_off_in_the_policy_its_reference_and_the_critic_so_the_first_ratio_is_exactly_1(tmp_path, arch):
+    import copy
+
+    from transformers import AutoModelForCausalLM
+
+    from rlzoo.algorithms.value_ppo import ValueModel
+    from rlzoo.ppo import batched_logprobs, forward_logprobs
+
+    tokenizer = build_char_tokenizer(get_task("arith").alphabet)
+    folder = str(_save_tiny(tmp_path, arch, tokenizer, dropout=0.5))
+    batch = tokenizer(["12+3=15\n", "7*8-1=55\n", "9?"], padding=True, return_tensors="pt")
+    ids, attn = batch["input_ids"], batch["attention_mask"]
+
+    raw = AutoModelForCausalLM.from_pretrained(folder).train()  # the checkpoint does drop out, as loaded by hand
+    with torch.no_grad():
+        assert not torch.equal(raw(input_ids=ids, attention_mask=attn).logits, raw.eval()(input_ids=ids, attention_mask=attn).logits)
+
+    policy, _ = load_policy(folder)
+    reference = copy.deepcopy(policy).eval()  # as train.py makes it
+    old = batched_logprobs(policy, ids, attn, temperature=0.6, micro_batch_size=8)  # eval mode, as at rollout time
+    new, _ = forward_logprobs(policy.train(), ids, attn, 0.6)  # train mode, as in ppo_update
+    assert torch.equal(torch.exp(new.detach() - old), torch.ones_like(old))  # PPO's first ratio
+    assert torch.equal(batched_logprobs(reference.train(), ids, attn, 0.6, 8), old)
+    critic = ValueModel(folder)
+    torch.nn.init.normal_(critic.head.weight)  # its zero-initialised head would value every state 0, dropout or not
+    with torch.no_grad():
+        assert torch.equal(critic.train()(ids, attn), critic.eval()(ids, attn))
+    policy.save_pretrained(tmp_path / "saved")  # a checkpoint of the run reloads without dropout, even by hand
+    resaved = AutoModelForCausalLM.from_pretrained(tmp_path / "saved").train()
+    with torch.no_grad():
+        assert torch.equal(resaved(input_ids=ids, attention_mask=attn).logits, policy(input_ids=ids, attention_mask=attn).logits)
+
+
+def test_a_tokenizer_with_neither_pad_nor_eos_is_one_line_and_exit_2(tmp_path, capsys):
+    from rlzoo.cli import main
+
+    tokenizer = build_char_tokenizer(get_task("arith").alphabet)
+    tokenizer.pad_token = tokenizer.eos_token = None  # rollout batches would have nothing to pad with
+    folder = str(_save_tiny(tmp_path / "model", "llama", tokenizer))
+    with pytest.raises(UserError, match="neither a pad nor an EOS token") as info:
+        load_policy(folder)
+    assert "\n" not in str(info.value)
+    out = tmp_path / "eval.json"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["eval", "--model", folder, "--limit", "2", "--samples", "1", "--device", "cpu", "--out", str(out)])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.count("\n") == 1 and "neither a pad nor an EOS token" in err
+    assert not out.exists()
