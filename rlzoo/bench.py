@@ -48,7 +48,6 @@ from pathlib import Path
 from rlzoo.errors import UserError
 from rlzoo.runs import check_out_dir, read_run
 
-DEFAULT_POLICY_TASKS = ("arith",)  # the built-in default policy is pretrained on these tasks only
 BUDGET_KINDS = ("iterations", "episodes", "seconds")
 POLL_SECONDS = 0.5
 TUNE_SEED_BASE = 1000  # tuning seeds are 1000, 1001, ...: a pick is never judged on the seeds that evaluate it
@@ -197,9 +196,9 @@ def make_plan(algos: str | list[str], task: str, model: str = "default", seeds: 
         raise UserError("--algos names no strategy; e.g. --algos vineppo,ppo,grpo,rloo")
     if len(set(names)) < len(names):
         raise UserError(f"--algos names a strategy twice ({','.join(names)}); name each once")
-    if model == "default" and task not in DEFAULT_POLICY_TASKS:
-        raise UserError(f"the built-in default policy only knows {', '.join(DEFAULT_POLICY_TASKS)}; "
-                        f"for --task {task} pass --model PATH (a causal LM folder)")
+    from rlzoo.policy import check_model_for_task
+
+    check_model_for_task(model, task)
     if seeds < 1:
         raise UserError(f"--seeds {seeds}: need at least 1 (3 or more for confidence intervals)")
     paths = [Path(c).expanduser() for c in configs]

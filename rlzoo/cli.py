@@ -124,6 +124,8 @@ def eval_(
     top_p: float = typer.Option(0.9, help="Nucleus sampling mass, in (0, 1]."),
     limit: int = typer.Option(None, min=1, help="Evaluate the first N problems only."),
     seed: int = typer.Option(0, help="Sampling seed."),
+    max_new_tokens: int = typer.Option(None, min=1, help="Response budget in tokens (default: train.max_new_tokens "
+                                       "if --config/--set bind it, else the task's), as in `rlzoo train`."),
     engine: str = typer.Option("torch", help="Generation engine (see `rlzoo list`)."),
     device: str = typer.Option(None, help="cpu or cuda (default: cuda if available)."),
     out: Path = typer.Option(None, help="Write the results as JSON here."),
@@ -140,9 +142,10 @@ def eval_(
     from rlzoo.config import apply_gin
     from rlzoo.engine import ENGINES
     from rlzoo.evaluate import evaluate
-    from rlzoo.policy import load_policy
+    from rlzoo.policy import check_model_for_task, load_policy
     from rlzoo.runs import check_out_dir
     from rlzoo.tasks import get_task
+    from rlzoo.train import TrainConfig
 
     if not 0.0 < top_p <= 1.0:
         raise UserError(f"--top-p {top_p}: must be in (0, 1]")
@@ -155,15 +158,20 @@ def eval_(
     task_obj = get_task(task)
     if split not in task_obj.splits:
         raise UserError(f"task {task!r} has no split {split!r}; splits: {', '.join(task_obj.splits)}")
+    check_model_for_task(model, task)
+    # One knob for train and eval on every task, so that a model evaluates with the budget it trains with.
+    budget = max_new_tokens or TrainConfig().max_new_tokens or task_obj.max_new_tokens
     engine_cls = ENGINES.get(engine)
     policy, tokenizer = load_policy(model, device=device)
-    result = evaluate(policy, tokenizer, engine_cls(policy, tokenizer), task_obj, split, samples, temperature, top_p, limit, seed)
-    result = {"model": model, "task": task, **result}
+    result = evaluate(policy, tokenizer, engine_cls(policy, tokenizer), task_obj, split, samples, temperature, top_p, limit, seed,
+                      max_new_tokens=budget)
+    result = {"model": model, "task": task, "max_new_tokens": budget, **result}
 
     table = Table(title=f"{model} on {task}/{split}: {result['n_problems']} problems x {samples} samples, T={temperature}")
-    for column in ("pass@1", f"maj@{samples}", "mean tokens", "seconds"):
+    for column in ("pass@1", f"maj@{samples}", "mean tokens", f"cut at {budget}", "seconds"):
         table.add_column(column, justify="right")
-    table.add_row(f"{result['pass@1']:.3f}", f"{result[f'maj@{samples}']:.3f}", f"{result['mean_response_tokens']:.1f}", f"{result['seconds']:.1f}")
+    table.add_row(f"{result['pass@1']:.3f}", f"{result[f'maj@{samples}']:.3f}", f"{result['mean_response_tokens']:.1f}",
+                  f"{result['truncated']:.1%}", f"{result['seconds']:.1f}")
     Console().print(table)
     if out:
         out.parent.mkdir(parents=True, exist_ok=True)

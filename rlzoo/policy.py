@@ -92,6 +92,17 @@ def check_model(name_or_path: str) -> None:
         raise UserError(f"model folder {name_or_path!r} has no config.json (give a folder written by save_pretrained)")
 
 
+DEFAULT_POLICY_TASKS = ("arith",)  # the built-in default policy is pretrained on these tasks only
+
+
+def check_model_for_task(model: str, task: str) -> None:
+    """Refuse the built-in default policy for a task it never learned, before anything is built or written: it would
+    be built (minutes), then score 0 on answers it cannot write. Shared by train, eval and bench."""
+    if model == "default" and task not in DEFAULT_POLICY_TASKS:
+        raise UserError(f"the built-in default policy only knows {', '.join(DEFAULT_POLICY_TASKS)}; "
+                        f"for --task {task} pass --model PATH (a causal LM folder)")
+
+
 def load_policy(name_or_path: str, device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None):
     """(model, tokenizer) for a hub id, a local folder written by ``save_pretrained``, or ``"default"``.
 

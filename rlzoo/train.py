@@ -48,7 +48,7 @@ class TrainConfig:
     prompts_per_iteration: int = 32  # prompts sampled per iteration (each gets estimator.group_size responses)
     temperature: float = 0.6  # training sampler temperature (the paper: 0.6)
     top_p: float = 0.9  # training sampler nucleus (the paper: 0.9)
-    max_new_tokens: int = 0  # response budget (0: the task's default)
+    max_new_tokens: int = 0  # response budget in tokens (0: the task's default); `rlzoo eval` reads it too
     lr: float = 1e-6  # policy AdamW learning rate (the paper: 1e-6)
     warmup_ratio: float = 0.03  # linear warm-up over this fraction of the planned optimizer steps
     lr_schedule: str = "constant"  # after warm-up: "constant", "linear" (to 0) or "cosine" (to 0)
@@ -244,13 +244,14 @@ def check_config(cfg: TrainConfig) -> tuple[PPOConfig, Task, Estimator]:
     """The run's PPO config, task and estimator, each checked as it is built (their ``__post_init__``), and the
     bindings that are only wrong together. Run before anything is written; ``rlzoo bench`` runs it for each
     strategy before its bench.json exists, so a bad binding never leaves a half-made run or bench."""
-    from rlzoo.policy import check_model, pretrain_config
+    from rlzoo.policy import check_model, check_model_for_task, pretrain_config
 
     ppo_cfg = PPOConfig()
     check_model(cfg.model)
     if cfg.model == "default":
         pretrain_config()  # the bindings the built-in policy would be built with
     task = get_task(cfg.task)
+    check_model_for_task(cfg.model, cfg.task)
     unknown = [s for s in cfg.eval_splits if s not in task.splits or s == "train"]
     if unknown:
         raise UserError(f"train.eval_splits names {', '.join(map(repr, unknown))}; task {task.name!r} can evaluate "

@@ -75,6 +75,8 @@ def test_list_names_registered_components(capsys):
         ["eval", "--model", "{tiny}", "--split", "validation"],
         ["eval", "--model", "{tiny}", "--samples", "many"],
         ["eval", "--model", "{tiny}", "--set", "arith.no_such_knob=3"],
+        ["eval", "--model", "{tiny}", "--max-new-tokens", "0"],
+        ["eval", "--model", "{tiny}", "--set", "train.max_new_tokens=-1"],
         ["pretrain", "--preset", "huge"],
         ["pretrain", "--set", "pretrain.steps"],
         ["pretrain", "--config", "{missing}"],
@@ -96,3 +98,41 @@ def test_unloadable_hub_model_exits_2_with_one_line_from_the_entry_point():
     )  # fmt: skip
     assert proc.returncode == 2
     assert proc.stderr.startswith("rlzoo: error: cannot load model") and proc.stderr.count("\n") == 1, proc.stderr
+
+
+@pytest.mark.parametrize("task", ["gsm8k", "math"])
+@pytest.mark.parametrize("command", ["eval", "train", "bench"])
+def test_the_builtin_policy_on_a_task_it_never_learned_is_refused_before_anything_is_built(command, task, tiny_policy_path,
+                                                                                           tmp_path, capsys):
+    # Without --model every command would build the arith policy (minutes), then score 0 on answers it cannot write.
+    out = tmp_path / "out"
+    argv = {"eval": ["eval", "--task", task, "--out", str(out / "eval.json")],
+            "train": ["train", "--algo", "grpo", "--task", task, "--out", str(out)],
+            "bench": ["bench", "--algos", "grpo", "--task", task, "--out", str(out)]}[command]
+    policies = sorted(tiny_policy_path.parent.iterdir())
+    code, _, stderr = run_cli(capsys, *argv)
+    assert code == 2 and stderr.count("\n") == 1, stderr
+    assert "built-in default policy only knows arith" in stderr and f"--task {task} pass --model PATH" in stderr
+    assert not out.exists() and sorted(tiny_policy_path.parent.iterdir()) == policies
+
+
+def test_eval_max_new_tokens_cuts_responses_at_the_budget_and_is_train_max_new_tokens(tiny_policy_path, tmp_path, capsys):
+    common = ["eval", "--model", str(tiny_policy_path), "--task", "arith", "--samples", "2", "--temperature", "0",
+              "--limit", "8", *[f"--set={b}" for b in preset_task_bindings("tiny")]]
+
+    def run(*extra):
+        out = tmp_path / f"eval{len(list(tmp_path.iterdir()))}.json"
+        code, stdout, stderr = run_cli(capsys, *common, "--out", str(out), *extra)
+        assert code == 0, stderr
+        return json.loads(out.read_text()), stdout
+
+    task = get_task("arith", **TINY_TASK)
+    full, _ = run()
+    assert full["max_new_tokens"] == task.max_new_tokens and full["truncated"] == 0 and full["mean_response_tokens"] > 3
+    cut, stdout = run("--max-new-tokens", "3")
+    assert cut["max_new_tokens"] == 3 and cut["truncated"] == 1.0 and cut["mean_response_tokens"] == 3
+    assert cut["pass@1"] == 0 and "cut at 3" in stdout  # no answer fits in 3 characters
+    bound, _ = run("--set", "train.max_new_tokens=3")  # the knob train reads, from --set or a --config
+    assert {k: v for k, v in bound.items() if k != "seconds"} == {k: v for k, v in cut.items() if k != "seconds"}
+    wins, _ = run("--set", "train.max_new_tokens=3", "--max-new-tokens", "5")
+    assert wins["max_new_tokens"] == 5 and wins["mean_response_tokens"] == 5
