@@ -74,6 +74,8 @@ class Estimator:
         return {}
 
     def state_dict(self) -> dict:
+        """What a checkpoint keeps of the estimator: tensors and plain values (numbers, strings, lists, dicts) only,
+        since checkpoints load with ``torch.load(weights_only=True)``, which refuses any other object."""
         return {}
 
     def load_state_dict(self, state: dict) -> None:

@@ -27,7 +27,7 @@ def check_ranges(obj, rules: dict[str, str], name: str | None = None) -> None:
     ints = {f.name for f in dataclasses.fields(obj) if f.type in (int, "int")}
     for field, rule in rules.items():
         value = getattr(obj, field)
-        number = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        number = (isinstance(value, int) and not isinstance(value, bool)) or (isinstance(value, float) and math.isfinite(value))
         if not (number and (field not in ints or isinstance(value, int)) and _RULES[rule](value)):
             kind = "an integer" if field in ints else "a number"
             raise UserError(f"{name or configurable_name(type(obj))}.{field} = {value!r}: must be {kind} {rule}")

@@ -10,6 +10,7 @@ A run folder holds one training run (one strategy, one task, one seed)::
       metrics.jsonl     one JSON object per line, appended and flushed per record (see below)
       tb/               TensorBoard events (same scalars)
       checkpoints/      iter_NNNNNN/ folders (policy.safetensors, state.pt, ...); "latest" names the newest
+      .lock             held (flock) by the one process training in the folder (``owned``)
 
 Every metrics record has ``"kind"`` ("train" or "eval"), ``"iteration"`` (0-based count of updates
 done), ``"episodes"`` (responses trained on so far), ``"time/train_total"`` (seconds of training so
@@ -36,8 +37,10 @@ policy scores the same at every evaluation.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import sys
 from pathlib import Path
 
 from rlzoo.errors import UserError
@@ -67,6 +70,26 @@ def read_jsonl(path: Path) -> list[dict]:
                 break
             records.append(record)
     return records
+
+
+@contextlib.contextmanager
+def owned(run_dir: Path, hold: bool = True):
+    """Within: this process owns ``run_dir`` (an exclusive flock on RUN/.lock), and no other process trains in it.
+    A second one waits here until the owner has stopped (a killed bench's orphaned run saves and exits on its
+    SIGTERM); the kernel drops the lock with its holder, kill -9 included. ``hold`` False (a rank that does not
+    write the folder): a no-op."""
+    if not hold:
+        yield
+        return
+    import fcntl
+
+    with open(Path(run_dir) / ".lock", "w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"rlzoo: another process is training in {run_dir}; waiting for it to stop", file=sys.stderr, flush=True)
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
 
 
 def check_out_dir(path: Path, what: str = "--out") -> None:

@@ -157,7 +157,9 @@ class TokenMeter:
 
 
 class Interrupt:
-    """First Ctrl-C (or SIGTERM) asks the loop to save and stop at the end of the iteration; a second one stops now."""
+    """Ctrl-C (SIGINT) or SIGTERM asks the loop to save and stop at the end of the iteration; a second Ctrl-C stops
+    now. A second SIGTERM does not: the parent-death signal a bench sets (``_stop_with_parent``) can fire once per
+    thread of a killed bench as the orphan is handed from one to the next, and the orphan must still save."""
 
     def __init__(self):
         self.requested = False
@@ -167,8 +169,10 @@ class Interrupt:
         return self
 
     def handle(self, signum, frame):
-        if self.requested:
+        if self.requested and signum == signal.SIGINT:
             raise KeyboardInterrupt
+        if self.requested:
+            return
         self.requested = True
         print("\nrlzoo: stopping after this iteration (checkpoint will be saved); Ctrl-C again to stop now", file=sys.stderr)
 
@@ -293,10 +297,8 @@ def merge_eval(parts: list[dict]) -> dict:
 
 
 def train(run_dir: str | Path, cfg: TrainConfig | None = None, command: str = "") -> Path:
-    """Train one (strategy, task, seed) run into ``run_dir`` (resuming if it holds a checkpoint)."""
-    from rlzoo.evaluate import evaluate
-    from rlzoo.policy import load_policy
-
+    """Train one (strategy, task, seed) run into ``run_dir`` (resuming if it holds a checkpoint). Everything is
+    checked before the folder is written, and then trained in only while this process owns it (``runs.owned``)."""
     cfg = cfg or TrainConfig()
     run_dir = Path(run_dir)
     runs.check_out_dir(run_dir, "run folder")
@@ -306,8 +308,19 @@ def train(run_dir: str | Path, cfg: TrainConfig | None = None, command: str = ""
     device = distributed.init(cfg.device)  # joins the launcher's process group (torchrun / deepspeed), if any
     if deepspeed_config is not None:
         distributed.check_deepspeed_device(deepspeed_config, device, cfg.deepspeed_config)
-    main = distributed.is_main()  # rank 0 writes the run folder; every rank computes
     run_dir.mkdir(parents=True, exist_ok=True)
+    with runs.owned(run_dir, distributed.is_main()):  # rank 0 writes the run folder, so it holds it
+        return _train_owned(run_dir, cfg, ppo_cfg, task, estimator, train_problems, eval_sets, deepspeed_config, device, command)
+
+
+def _train_owned(run_dir: Path, cfg: TrainConfig, ppo_cfg: PPOConfig, task: Task, estimator: Estimator,
+                 train_problems: list[Problem], eval_sets: dict[str, list[Problem]], deepspeed_config: dict | None,
+                 device: torch.device, command: str) -> Path:
+    """``train``'s loop, in a run folder this process owns, with its config checked and its problems read."""
+    from rlzoo.evaluate import evaluate
+    from rlzoo.policy import load_policy
+
+    main = distributed.is_main()  # rank 0 writes the run folder; every rank computes
     torch.manual_seed(cfg.seed)
 
     identity = {"algo": cfg.algo, "task": cfg.task, "model": cfg.model, "seed": cfg.seed, "config": asdict(cfg) | {"ppo": asdict(ppo_cfg)}}
@@ -372,8 +385,9 @@ def train(run_dir: str | Path, cfg: TrainConfig | None = None, command: str = ""
         distributed.check(not lost, f"{run_dir / 'metrics.jsonl'} lacks the train records of iterations {lost[0]}..{lost[-1]} "
                           f"that {checkpoint} had logged; resuming would leave a hole in its curves: restore the file, "
                           f"or delete {run_dir} to start over" if lost else "")
-        if main:
-            (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in kept))
+        if main:  # replaced whole: a kill mid-write must not cut records the checkpoint had logged
+            (run_dir / "metrics.jsonl.tmp").write_text("".join(json.dumps(r) + "\n" for r in kept))
+            os.replace(run_dir / "metrics.jsonl.tmp", run_dir / "metrics.jsonl")
             print(f"rlzoo: resuming {run_dir} from iteration {state['iteration']}")
     elif main:
         (run_dir / "metrics.jsonl").write_text("")

@@ -331,6 +331,51 @@ def test_a_half_finished_bench_skips_finished_runs_and_resumes_interrupted_ones(
     assert (out / "leaderboard" / "README.md").exists()
 
 
+def _trains_in(run_dir: Path) -> list[int]:
+    """Live `rlzoo train` processes whose --out is ``run_dir`` (zombies left to a PID 1 that does not reap are gone)."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        try:
+            argv = (proc / "cmdline").read_bytes().split(b"\0")
+            state = (proc / "stat").read_text().rpartition(")")[2].split()[0]
+        except (OSError, IndexError):
+            continue
+        if b"train" in argv and str(run_dir).encode() in argv and state != "Z":
+            pids.append(int(proc.name))
+    return pids
+
+
+@pytest.mark.slow
+@needs_train
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the parent-death signal and /proc are Linux's")
+def test_a_killed_bench_rerun_at_once_never_trains_a_run_twice(tmp_path, tiny_policy_path):
+    # Issue 16: kill -9 a bench mid-run and re-run it at once. The orphaned train saves and stops on its parent-death
+    # signal; the re-run's train waits for the folder (RUN/.lock), then resumes: one process per run folder, and a
+    # metrics.jsonl in order, the very records of an uninterrupted run.
+    out = tmp_path / "bench"
+    plan = make_plan("grpo", "arith", model=str(tiny_policy_path), seeds=1, budget="iterations=6", bindings=TINY_RUN)
+    (run,) = plan_runs(plan, out)
+    reference = tmp_path / "reference"
+    subprocess.run([reference if a == str(run.run_dir) else a for a in run.command], check=True, capture_output=True)
+
+    bench = [sys.executable, "-m", "rlzoo.cli", "bench", "--algos", "grpo", "--task", "arith", "--model", str(tiny_policy_path),
+             "--seeds", "1", "--budget", "iterations=6", *[x for b in TINY_RUN for x in ("--set", b)], "--out", str(out)]
+    first = subprocess.Popen(bench, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and not [r for r in read_jsonl(run.run_dir / "metrics.jsonl") if r["kind"] == "train"]:
+        time.sleep(0.05)
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+    orphans = _trains_in(run.run_dir)
+    again = subprocess.run(bench, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr
+    assert not set(orphans) & set(_trains_in(run.run_dir))  # the orphan stopped
+    assert read_run(run.run_dir)["status"] == "finished"
+    drop = ("time/", "memory/")
+    comparable = lambda records: [{k: v for k, v in r.items() if not k.startswith(drop)} for r in records]  # noqa: E731
+    assert comparable(read_jsonl(run.run_dir / "metrics.jsonl")) == comparable(read_jsonl(reference / "metrics.jsonl"))
+
+
 @pytest.mark.slow
 @needs_train
 @pytest.mark.skipif(not (REPO / "benchmarks" / "smoke.gin").exists(), reason="needs benchmarks/smoke.gin")

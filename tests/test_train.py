@@ -160,6 +160,43 @@ def test_sigkill_mid_run_then_resume_gives_identical_metrics(tiny_policy_path, t
     assert resumed[-1]["flops/total"] > 0 and all("flops/total" in r for r in resumed)  # cumulative FLOPs survive the resume
 
 
+@pytest.mark.slow
+def test_a_repeated_sigterm_still_saves_and_a_second_train_waits_for_the_folder(tiny_policy_path, tmp_path):
+    # What a killed bench leaves (issue 16): its orphaned run gets the parent-death SIGTERM, maybe twice, while the
+    # re-run bench starts the same run. The orphan must save and stop; the second process must wait, then resume.
+    bindings = SMALL + ["grpo.group_size = 4", "train.eval_every = 2", "train.checkpoint_every = 2"]
+    reference = tmp_path / "uninterrupted"
+    assert _train(reference, "grpo", tiny_policy_path, bindings, budget="iterations=6") == 0
+
+    shared = tmp_path / "shared"
+    cmd = [sys.executable, "-m", "rlzoo.cli", "train", "--algo", "grpo", "--model", str(tiny_policy_path),
+           "--out", str(shared), "--budget", "iterations=6"] + [x for b in bindings for x in ("--set", b)]
+    first = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and not [r for r in runs.read_jsonl(shared / "metrics.jsonl") if r["kind"] == "train"]:
+        time.sleep(0.05)
+    first.send_signal(signal.SIGTERM)
+    time.sleep(0.2)
+    first.send_signal(signal.SIGTERM)  # the parent-death signal again: still "save and stop", not "stop now"
+    _, err = first.communicate(timeout=120)
+    assert first.returncode == 130 and "Traceback" not in err, err
+    assert runs.read_run(shared)["status"] == "running" and (shared / "checkpoints" / "latest").is_file()
+
+    log = tmp_path / "second.log"
+    with runs.owned(shared):  # another process owns the folder: a second train waits, writing nothing
+        before = {p: p.read_bytes() for p in shared.rglob("*") if p.is_file()}
+        with open(log, "w") as out:
+            second = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
+        while time.time() < deadline and "waiting" not in log.read_text() and second.poll() is None:
+            time.sleep(0.05)
+        time.sleep(0.5)
+        assert second.poll() is None, log.read_text()
+        assert {p: p.read_bytes() for p in shared.rglob("*") if p.is_file()} == before
+    assert second.wait(timeout=300) == 0, log.read_text()
+    assert "resuming" in log.read_text()
+    assert _comparable(runs.read_jsonl(shared / "metrics.jsonl")) == _comparable(runs.read_jsonl(reference / "metrics.jsonl"))
+
+
 def test_non_finite_update_stops_with_one_line_and_keeps_the_last_checkpoint(tiny_policy_path, tmp_path, capsys):
     bindings = SMALL + ["grpo.group_size = 2", "train.lr = 1e30", "train.warmup_ratio = 0.0", "ppo.max_grad_norm = 1e30"]
     code = _train(tmp_path, "grpo", tiny_policy_path, bindings, budget="iterations=5")
