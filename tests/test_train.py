@@ -135,15 +135,20 @@ def _comparable(records):
     return [{k: v for k, v in r.items() if not k.startswith(drop)} for r in records]
 
 
-@pytest.mark.slow
-def test_sigkill_mid_run_then_resume_gives_identical_metrics(tiny_policy_path, tmp_path):
+def _uninterrupted_run_and_command(tiny_policy_path, tmp_path, out):
+    """A 6-iteration GRPO run trained in-process (the reference), and the CLI command of the same run into ``out``."""
     bindings = SMALL + ["grpo.group_size = 4", "train.eval_every = 2", "train.checkpoint_every = 2"]
     reference = tmp_path / "uninterrupted"
     assert _train(reference, "grpo", tiny_policy_path, bindings, budget="iterations=6") == 0
-
-    killed = tmp_path / "killed"
     cmd = [sys.executable, "-m", "rlzoo.cli", "train", "--algo", "grpo", "--model", str(tiny_policy_path),
-           "--out", str(killed), "--budget", "iterations=6"] + [x for b in bindings for x in ("--set", b)]
+           "--out", str(out), "--budget", "iterations=6"] + [x for b in bindings for x in ("--set", b)]
+    return reference, cmd
+
+
+@pytest.mark.slow
+def test_sigkill_mid_run_then_resume_gives_identical_metrics(tiny_policy_path, tmp_path):
+    killed = tmp_path / "killed"
+    reference, cmd = _uninterrupted_run_and_command(tiny_policy_path, tmp_path, killed)
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.time() + 300
     while time.time() < deadline:  # kill once it has passed a checkpoint but not finished
@@ -164,13 +169,8 @@ def test_sigkill_mid_run_then_resume_gives_identical_metrics(tiny_policy_path, t
 def test_a_repeated_sigterm_still_saves_and_a_second_train_waits_for_the_folder(tiny_policy_path, tmp_path):
     # What a killed bench leaves (issue 16): its orphaned run gets the parent-death SIGTERM, maybe twice, while the
     # re-run bench starts the same run. The orphan must save and stop; the second process must wait, then resume.
-    bindings = SMALL + ["grpo.group_size = 4", "train.eval_every = 2", "train.checkpoint_every = 2"]
-    reference = tmp_path / "uninterrupted"
-    assert _train(reference, "grpo", tiny_policy_path, bindings, budget="iterations=6") == 0
-
     shared = tmp_path / "shared"
-    cmd = [sys.executable, "-m", "rlzoo.cli", "train", "--algo", "grpo", "--model", str(tiny_policy_path),
-           "--out", str(shared), "--budget", "iterations=6"] + [x for b in bindings for x in ("--set", b)]
+    reference, cmd = _uninterrupted_run_and_command(tiny_policy_path, tmp_path, shared)
     first = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 300
     while time.time() < deadline and not [r for r in runs.read_jsonl(shared / "metrics.jsonl") if r["kind"] == "train"]:
