@@ -69,7 +69,7 @@ def main() -> None:
         raise SystemExit(f"--algo {args.algo}: pick an estimator without critic or extra rollouts (grpo, rloo, reinforce)")
     engine = ENGINES.get("torch")(policy, tokenizer, max_batch_size=512)
     pool = task.problems("train")
-    print(f"| pairing | prompts x samples | pairs | cos(g_A, g_B) | cos(sign g_A, sign g_B) | mean norm of g | seconds |")
+    print("| pairing | prompts x samples | pairs | cos(g_A, g_B) | cos(sign g_A, sign g_B) | mean norm of g | seconds |")
     print("|---|---|---:|---:|---:|---:|---:|")
     for prompts in [int(x) for x in args.prompts.split(",")]:
         for pairing in ("fresh", "same"):

@@ -105,6 +105,17 @@ def parse_budget(text: str | None) -> str | None:
     return f"{kind}={number:g}" if kind == "seconds" else f"{kind}={number}"
 
 
+def budget_bindings(text: str | None) -> list[str]:
+    """The gin bindings a ``--budget`` sets: ``train.iterations = N``, or the episode or seconds limit with no
+    iteration limit. ``rlzoo train`` and the bench's up-front checks read a budget through this one place."""
+    canonical = parse_budget(text)
+    if canonical is None:
+        return []
+    kind, _, value = canonical.partition("=")
+    binding = f"{BUDGET_BINDINGS[BUDGET_KINDS.index(kind)]} = {value}"
+    return [binding] if kind == "iterations" else [binding, "train.iterations = 1000000000"]
+
+
 def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
@@ -252,10 +263,7 @@ def check_runs(plan: BenchPlan) -> None:
     from rlzoo.config import apply_gin
     from rlzoo.train import TrainConfig, check_config
 
-    budget = []
-    if plan.budget:
-        kind, _, value = plan.budget.partition("=")
-        budget = [f"{BUDGET_BINDINGS[BUDGET_KINDS.index(kind)]} = {value}"] + (["train.iterations = 1000000000"] if kind != "iterations" else [])
+    budget = budget_bindings(plan.budget)
     for setting in [(), *grid(plan)]:
         for algo in plan.algos:
             identity = [f"train.algo = {algo!r}", f"train.task = {plan.task!r}", f"train.model = {plan.model!r}"]

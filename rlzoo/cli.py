@@ -41,23 +41,6 @@ app = typer.Typer(
 )
 
 
-def parse_budget(budget: str | None) -> list[str]:
-    """``iterations=N`` | ``episodes=N`` | ``seconds=N`` -> the gin binding that sets it."""
-    if budget is None:
-        return []
-    kind, _, value = budget.partition("=")
-    target = {"iterations": "train.iterations", "episodes": "train.max_episodes", "seconds": "train.max_seconds"}.get(kind)
-    try:
-        number = float(value)
-    except ValueError:
-        number = -1
-    if target is None or number <= 0:
-        raise UserError(f"--budget {budget!r}: expected iterations=N, episodes=N or seconds=N with N > 0")
-    if kind == "iterations":
-        return [f"{target} = {int(number)}"]
-    return [f"{target} = {number if kind == 'seconds' else int(number)}", "train.iterations = 1000000000"]
-
-
 @app.command()
 def train(
     algo: str = typer.Option(..., help="credit-assignment strategy, e.g. vineppo, ppo, grpo, rloo (see `rlzoo list`)"),
@@ -74,6 +57,7 @@ def train(
     """Train one strategy on one task: rollouts -> rewards -> advantages -> PPO -> eval, into a run folder.
     Runs as is under `torchrun --nproc_per_node N -m rlzoo.cli train ...` or the `deepspeed` launcher."""
     from rlzoo import distributed
+    from rlzoo.bench import budget_bindings
     from rlzoo.config import apply_gin
     from rlzoo.train import TrainConfig
     from rlzoo.train import train as run_training
@@ -81,7 +65,7 @@ def train(
     identity = [f"train.algo = {algo!r}", f"train.task = {task!r}", f"train.model = {model!r}", f"train.seed = {seed}"]
     if deepspeed:
         identity.append(f"train.deepspeed_config = {deepspeed!r}")
-    apply_gin(config, list(set_) + parse_budget(budget) + [b.replace("'", '"') for b in identity])
+    apply_gin(config, list(set_) + budget_bindings(budget) + [b.replace("'", '"') for b in identity])
     run_dir = out or f"runs/{algo}-{task}-seed{seed}"
     run_training(run_dir, TrainConfig(), command=invoked_command())
     from rlzoo.runs import read_run

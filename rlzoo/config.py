@@ -20,7 +20,7 @@ def _import_configurables() -> None:
     from rlzoo.tasks import TASKS
 
     for module in CONFIGURABLE_MODULES:
-        if importlib.util.find_spec(module) is not None:  # rooms are built one at a time; a missing one has no bindings
+        if importlib.util.find_spec(module) is not None:  # an optional module that is absent has no bindings
             importlib.import_module(module)
     for registry in (TASKS, ENGINES, ESTIMATORS):
         registry.names()
