@@ -8,8 +8,12 @@ States past ``max_valued_steps`` take the final reward as their value (as the re
 for GSM8K), so their steps get advantage 0. Identical states (e.g. the prompt-only state shared by
 all responses of a prompt) are valued once; MC rollouts are never trained on.
 
-Continuations get the full ``max_new_tokens`` budget from every state (one engine call for all
-states), so a late state may run a little past the original response budget.
+A continuation gets what is left of the response's budget: ``max_new_tokens`` minus the response tokens
+already in its state (per-state budgets in one engine call), so an MC rollout ends where the response it
+values would have been cut, and V̂(s_t) estimates the return of the very episodes being trained; it never
+runs past the model's context. The reference code (treetune's ``EfficientIIDExpander._compute_max_tokens``)
+gives every continuation min(max_tokens, context - state tokens) instead, i.e. up to a full response budget
+more from a late state; ``vineppo.continuation_budget = "reference"`` does that.
 """
 
 from __future__ import annotations
@@ -20,6 +24,8 @@ import gin
 import torch
 
 from rlzoo.algorithms import ESTIMATORS, Credit, Estimator
+from rlzoo.engine import context_length
+from rlzoo.errors import UserError
 
 
 def step_advantages(step_values: list[float], final_reward: float) -> list[float]:
@@ -35,8 +41,14 @@ class VinePPO(Estimator):
     group_size: int = 8  # samples per prompt (the paper: 8)
     k: int = 9  # MC continuations per state (the paper: 9)
     max_valued_steps: int = 100  # states after this many steps take the final reward as their value
+    continuation_budget: str = "remaining"  # MC continuation length: "remaining" response budget, or "reference": min(max_new_tokens, context - state)
     uses_rollouts: bool = True
     ranges = {**Estimator.ranges, "k": ">= 1", "max_valued_steps": ">= 0"}
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.continuation_budget not in ("remaining", "reference"):
+            raise UserError(f"vineppo.continuation_budget = {self.continuation_budget!r}; expected 'remaining' or 'reference'")
 
     def advantages(self, batch, ctx) -> Credit:
         # One state per valued step boundary of every response: (row, step index, token position).
@@ -48,7 +60,11 @@ class VinePPO(Estimator):
                 prompt_lens.append(int(batch.prompt_lens[b]))
                 where.append((b, t))
         mc_params = replace(ctx.sampling, n=self.k, seed=ctx.sampling.seed + 7919)  # not the policy rollouts' noise
-        values = ctx.values_by_rollouts(states, problems, prompt_lens, mc_params, purpose="mc").tolist()  # [N]
+        budgets = None  # what is left of each response's budget (values_by_rollouts' default)
+        if self.continuation_budget == "reference":
+            context = context_length(ctx.policy) if ctx.policy is not None else None
+            budgets = [min(mc_params.max_new_tokens, context - len(s)) if context else mc_params.max_new_tokens for s in states]
+        values = ctx.values_by_rollouts(states, problems, prompt_lens, mc_params, purpose="mc", budgets=budgets).tolist()  # [N]
 
         step_values: list[list[float]] = [[] for _ in range(batch.size)]
         for (b, t), v in zip(where, values):

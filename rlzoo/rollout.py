@@ -19,7 +19,7 @@ import torch
 
 from rlzoo import distributed
 from rlzoo.distributed import Trained
-from rlzoo.engine import Completion, SamplingParams
+from rlzoo.engine import Completion, SamplingParams, context_length
 from rlzoo.tasks import Problem, Task
 
 
@@ -73,12 +73,16 @@ class RolloutBatch:
 
 def step_token_starts(tokenizer, response_ids: list[int], char_starts: list[int], offset: int) -> list[int]:
     """Token positions (``offset`` + index in ``response_ids``) where the steps starting at
-    ``char_starts`` of the decoded response begin: the first token whose decoded prefix reaches the
-    step's first character. A token that straddles a boundary belongs to the step it starts in.
+    ``char_starts`` of the decoded response begin: the first token whose first character lies in the step.
+    A token belongs to the step its first character lies in, as the VinePPO reference assigns tokens
+    (``_compute_token_advantages``: a token takes the advantage of the character at its start offset), so a
+    token that straddles a boundary (``.\n`` ending one GSM8K line and starting the next step) belongs to the
+    step it starts in, and the next step's state ends after it. A step in which no token starts (it lies
+    inside one token) is merged into the step before it.
     Binary search on decoded prefix lengths: exact for any tokenizer, O(steps · log T) decodes."""
     decoded_len = {}
 
-    def prefix_len(n: int) -> int:  # characters decoded from the first n tokens
+    def prefix_len(n: int) -> int:  # characters decoded from the first n tokens: token n starts at this character
         if n not in decoded_len:
             decoded_len[n] = len(tokenizer.decode(response_ids[:n], skip_special_tokens=True))
         return decoded_len[n]
@@ -86,15 +90,14 @@ def step_token_starts(tokenizer, response_ids: list[int], char_starts: list[int]
     starts = []
     for c in char_starts:
         lo, hi = 0, len(response_ids)
-        while lo < hi:  # smallest n with prefix_len(n + 1) > c: token n holds character c
+        while lo < hi:  # smallest n with prefix_len(n) >= c: the first token starting at or after character c
             mid = (lo + hi) // 2
-            if prefix_len(mid + 1) > c:
+            if prefix_len(mid) >= c:
                 hi = mid
             else:
                 lo = mid + 1
-        position = offset + min(lo, max(len(response_ids) - 1, 0))
-        if not starts or position > starts[-1]:
-            starts.append(position)
+        if lo < len(response_ids) and (not starts or offset + lo > starts[-1]):
+            starts.append(offset + lo)
     return starts or [offset]
 
 
@@ -132,6 +135,13 @@ def build_batch(tokenizer, task: Task, problems: list[Problem], prompt_ids: list
         response_texts=[c.text for _, c in rows],
         finish_reasons=[c.finish_reason for _, c in rows],
     )
+
+
+def remaining_budgets(states: list[list[int]], prompt_lens: list[int], max_new_tokens: int, context: int | None) -> list[int]:
+    """Per state, the new tokens a continuation may take: the response budget ``max_new_tokens`` less the response
+    tokens already in the state, and at most what the model's ``context`` leaves (None: no limit)."""
+    budgets = [max_new_tokens - (len(s) - n) for s, n in zip(states, prompt_lens)]
+    return budgets if context is None else [min(b, context - len(s)) for b, s in zip(budgets, states)]
 
 
 class Stopwatch:
@@ -191,11 +201,15 @@ class EstimatorContext:
         return policy.full_weights() if policy is not None else contextlib.nullcontext()
 
     def values_by_rollouts(self, states: list[list[int]], problems: list[Problem], prompt_lens: list[int],
-                           params: SamplingParams, purpose: str = "mc") -> torch.Tensor:
+                           params: SamplingParams, purpose: str = "mc", budgets: list[int] | None = None) -> torch.Tensor:
         """Monte-Carlo value of each state: the mean task reward of ``params.n`` continuations.
 
         states[i] is a token prefix (prompt + the first tokens of a response) of problems[i], whose
-        prompt is its first prompt_lens[i] tokens. Identical states are rolled out once; the distinct
+        prompt is its first prompt_lens[i] tokens. A continuation gets what is left of its response's budget,
+        ``params.max_new_tokens`` minus the response tokens already in the state (and never more than the
+        model's context leaves), so that an MC rollout ends where the response it values would have: V(s) is
+        the expected reward of the episode being trained. ``budgets`` overrides that, one per state.
+        Identical states are rolled out once; the distinct
         states are split evenly over ranks (each rank rolls out and grades its part, with the random
         keys a single process would use) and their rewards gathered, so every rank returns the same
         values as one process would. Returns [N] float32. Time goes to stage ``purpose``; generated
@@ -203,6 +217,9 @@ class EstimatorContext:
         (prefill + decode, padding included: the compute spent) to ``forward_tokens[purpose]``;
         these rollouts are never trained on.
         """
+        if budgets is None:
+            context = context_length(self.policy) if self.policy is not None else None  # (a test's engine may run no model)
+            budgets = remaining_budgets(states, prompt_lens, params.max_new_tokens, context)
         with self.watch(purpose):
             forward_before = self.engine.stats.forward_tokens
             unique: dict[tuple, int] = {}  # state -> index of its first occurrence
@@ -214,7 +231,8 @@ class EstimatorContext:
             if len(mine):
                 with self.sampling_weights():
                     completions = self.engine.generate([list(k) for k in keys[mine.start : mine.stop]],
-                                                       replace(params, first_index=mine.start))
+                                                       replace(params, first_index=mine.start),
+                                                       budgets=[budgets[unique[k]] for k in keys[mine.start : mine.stop]])
             texts, owners, generated = [], [], 0
             for key, group in zip(keys[mine.start : mine.stop], completions):
                 i = unique[key]

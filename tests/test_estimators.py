@@ -162,7 +162,7 @@ def test_vineppo_values_identical_states_once_and_counts_mc_tokens():
     batch, ctx = _toy_batch_and_ctx(seed=3, k=5)
     calls = []
     original = ctx.engine.generate
-    ctx.engine.generate = lambda prompts, params: calls.append(len(prompts)) or original(prompts, params)
+    ctx.engine.generate = lambda prompts, params, budgets=None: calls.append(len(prompts)) or original(prompts, params, budgets)
     credit = build_estimator("vineppo", k=5, group_size=4).advantages(batch, ctx)
     states = {tuple(batch.input_ids[b, :s].tolist()) for b in range(batch.size) for s in batch.step_starts[b]}
     assert calls == [len(states)]  # the prompt-only state, shared by all 8 responses, rolled out once

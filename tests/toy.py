@@ -29,7 +29,7 @@ class KnownPolicyEngine:
     def __init__(self, tokenizer, prompt_len):
         self.tokenizer, self.prompt_len, self.stats = tokenizer, prompt_len, EngineStats()
 
-    def generate(self, prompts, params):
+    def generate(self, prompts, params, budgets=None):  # a line is 2 tokens: the toy never runs out of budget
         rng = random.Random(params.seed)
         out = []
         for prompt in prompts:

@@ -3,7 +3,7 @@
     engine.generate(prompts, params) -> completions[num_prompts][params.n]
 
 Prompts are token ids (the caller tokenizes); completions come back as token ids and text with the
-reason they finished. Backends: ``torch`` (transformers model, CPU or GPU) and ``vllm`` (GPU, the
+reason they finished (a prompt may get a budget of its own: ``budgets``). Backends: ``torch`` (transformers model, CPU or GPU) and ``vllm`` (GPU, the
 ``gpu`` extra). The torch engine samples from the very module being trained, so ``sync_weights`` is
 free; vLLM copies the new weights in place after each update.
 """
@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal, Protocol, Sequence
 
+from rlzoo.errors import UserError
 from rlzoo.registry import Registry
 
 ENGINES: Registry = Registry(
@@ -51,10 +52,31 @@ class EngineStats:
     extra: dict = field(default_factory=dict)
 
 
+def prompt_budgets(params: SamplingParams, num_prompts: int, budgets: Sequence[int] | None) -> list[int]:
+    """Each prompt's budget of new tokens: ``budgets[i]`` where given (a VinePPO state gets what is left of its
+    response's budget), else ``params.max_new_tokens``; every budget at least 1 (a UserError otherwise)."""
+    if budgets is None:
+        return [params.max_new_tokens] * num_prompts
+    budgets = [int(b) for b in budgets]
+    if len(budgets) != num_prompts:
+        raise UserError(f"{len(budgets)} budgets for {num_prompts} prompts; give one per prompt")
+    if budgets and min(budgets) < 1:
+        raise UserError(f"every prompt's budget of new tokens must be at least 1, got {min(budgets)}")
+    return budgets
+
+
+def context_length(model) -> int | None:
+    """Positions ``model`` can attend over (prompt + response), from its config; None if it states none."""
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+
+
 class Engine(Protocol):
     stats: EngineStats
 
-    def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> list[list[Completion]]:
+    def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams,
+                 budgets: Sequence[int] | None = None) -> list[list[Completion]]:
+        """Completions [len(prompts)][params.n]; prompt i gets at most budgets[i] new tokens (default: params.max_new_tokens)."""
         ...
 
     def sync_weights(self, model) -> None:

@@ -34,7 +34,7 @@ from typing import Sequence
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
-from rlzoo.engine import ENGINES, Completion, EngineStats, SamplingParams
+from rlzoo.engine import ENGINES, Completion, EngineStats, SamplingParams, context_length, prompt_budgets
 from rlzoo.errors import UserError
 
 
@@ -169,28 +169,33 @@ class TorchEngine:
 
     # ------------------------------------------------------------------------------------------ generate
 
-    def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> list[list[Completion]]:
-        """Completions [len(prompts)][params.n] of token-id prompts."""
+    def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams,
+                 budgets: Sequence[int] | None = None) -> list[list[Completion]]:
+        """Completions [len(prompts)][params.n] of token-id prompts; prompt i gets at most ``budgets[i]`` new
+        tokens (default: ``params.max_new_tokens`` each; see ``rlzoo.engine.prompt_budgets``)."""
         _check(params)
         prompts = [list(p) for p in prompts]
+        budgets = prompt_budgets(params, len(prompts), budgets)
         vocab = self.model.get_input_embeddings().num_embeddings
         for i, p in enumerate(prompts):
             if not p:
                 raise UserError(f"prompt {i} is empty; every prompt needs at least one token (e.g. BOS)")
             if min(p) < 0 or max(p) >= vocab:
                 raise UserError(f"prompt {i} has a token id outside the model's vocabulary [0, {vocab})")
-        limit = getattr(self.model.config.get_text_config(), "max_position_embeddings", None)
-        longest = max(map(len, prompts), default=0)
-        if limit is not None and longest + params.max_new_tokens > limit:
-            raise UserError(f"a prompt of {longest} tokens + max_new_tokens {params.max_new_tokens} exceeds the model's "
+        limit = context_length(self.model)
+        over = [i for i, (p, b) in enumerate(zip(prompts, budgets)) if limit is not None and len(p) + b > limit]
+        if over:
+            i = over[0]
+            raise UserError(f"a prompt of {len(prompts[i])} tokens + max_new_tokens {budgets[i]} exceeds the model's "
                             f"context of {limit} positions; lower max_new_tokens or shorten the prompt")
         started = time.perf_counter()
 
         # Requests: one row per (prompt, sample), pointing at a unique prompt. Greedy rows are all alike,
         # so greedy decodes one row per unique prompt and copies it n times.
-        unique: dict[tuple[int, ...], int] = {}
-        prompt_to_unique = [unique.setdefault(tuple(p), len(unique)) for p in prompts]
-        unique_prompts = list(unique)
+        unique: dict[tuple[tuple[int, ...], int], int] = {}  # (prompt, budget) -> its index
+        prompt_to_unique = [unique.setdefault((tuple(p), b), len(unique)) for p, b in zip(prompts, budgets)]
+        unique_prompts = [p for p, _ in unique]
+        unique_budgets = [b for _, b in unique]
         generator = torch.Generator().manual_seed(params.seed)
         # [P, n] int64: the keys of prompts first_index .. first_index + P - 1 of the whole request
         keys = torch.randint(-(2**63), 2**63 - 1, (params.first_index + len(prompts), params.n), generator=generator)[params.first_index :]
@@ -216,7 +221,8 @@ class TorchEngine:
                         expand = torch.tensor([slot[row_unique[r]] for r in rows])
                     else:  # every row prefills its own copy: only to measure what sharing saves
                         prefill, expand = [row_unique[r] for r in rows], torch.arange(len(rows))
-                    outputs = self._decode([unique_prompts[u] for u in prefill], expand, row_keys[rows], params)
+                    limits = torch.tensor([unique_budgets[row_unique[r]] for r in rows])  # [B] each row's budget
+                    outputs = self._decode([unique_prompts[u] for u in prefill], expand, row_keys[rows], limits, params)
                     for r, out in zip(rows, outputs):
                         results[r] = out
         finally:
@@ -234,16 +240,17 @@ class TorchEngine:
 
     # ------------------------------------------------------------------------------------ the decode loop
 
-    def _decode(self, prompts: list[tuple[int, ...]], expand: torch.Tensor, keys: torch.Tensor,
+    def _decode(self, prompts: list[tuple[int, ...]], expand: torch.Tensor, keys: torch.Tensor, limits: torch.Tensor,
                 params: SamplingParams) -> list[tuple[list[int], bool]]:
-        """Sample one continuation per row; row b continues ``prompts[expand[b]]`` with random key ``keys[b]``.
+        """Sample one continuation per row; row b continues ``prompts[expand[b]]`` with random key ``keys[b]``,
+        for at most ``limits[b]`` tokens.
 
         Returns per row (generated token ids, whether it stopped on EOS / a stop string).
         """
         device = next(self.model.parameters()).device
         forward = self._model_call()
         num_prompts, width = len(prompts), max(map(len, prompts))
-        max_new = params.max_new_tokens
+        max_new = int(limits.max())  # the longest budget of the chunk sizes its buffers
 
         # Prefill the unique prompts, left-padded: every prompt ends at column width - 1.
         input_ids = torch.full((num_prompts, width), self.pad_token_id, dtype=torch.long)  # [U, W]
@@ -263,7 +270,7 @@ class TorchEngine:
         cache.batch_select_indices(expand)
         logits, attention_mask = logits[expand], attention_mask[expand]
         next_position = position_ids[expand, -1] + 1  # [B] position of the token each row feeds next
-        keys = keys.to(device)  # [B] int64
+        keys, limits = keys.to(device), limits.to(device)  # [B] int64, [B] long
         rows = torch.arange(len(expand), device=device)  # [B] which output row each batch row is
         generated = torch.empty((len(expand), max_new), dtype=torch.long, device=device)  # [B, max_new]
         end = torch.full((len(expand),), -1, dtype=torch.long, device=device)  # [B] step of the stopping token, -1 while running
@@ -271,9 +278,10 @@ class TorchEngine:
         results: list[tuple[list[int], bool] | None] = [None] * len(expand)
 
         def retire(batch_rows: torch.Tensor) -> None:
-            """Move rows out of the batch into ``results`` (a row that never stopped ran to max_new)."""
-            for row, tokens, stop_step in zip(rows[batch_rows].tolist(), generated[batch_rows].tolist(), end[batch_rows].tolist()):
-                results[row] = (tokens[: stop_step + 1], True) if stop_step >= 0 else (tokens, False)
+            """Move rows out of the batch into ``results`` (a row that never stopped ran to its budget)."""
+            for row, tokens, stop_step, limit in zip(rows[batch_rows].tolist(), generated[batch_rows].tolist(),
+                                                     end[batch_rows].tolist(), limits[batch_rows].tolist()):
+                results[row] = (tokens[: stop_step + 1], True) if stop_step >= 0 else (tokens[:limit], False)
 
         for step in range(max_new):
             u = uniforms(keys, step) if params.temperature > 0 else None  # [B]
@@ -283,7 +291,7 @@ class TorchEngine:
             if params.stop:
                 stopped |= self._stopped_by_strings(generated[:, : step + 1], params.stop)
             end = torch.where(stopped & (end < 0), step, end)
-            finished = end >= 0  # [B]
+            finished = (end >= 0) | (limits <= step + 1)  # [B] stopped, or out of budget
             num_finished = int(finished.sum())
             if step == max_new - 1 or num_finished == len(rows):
                 break
@@ -297,6 +305,7 @@ class TorchEngine:
                 order = torch.arange(running, device=device)  # [B'] where each remaining row comes from
                 order[holes] = movers
                 attention_mask, next_position, keys, rows = attention_mask[order], next_position[order], keys[order], rows[order]
+                limits = limits[order]
                 generated, end, tokens = generated[order], end[order], tokens[order]
             length = width + step + 1  # cache length once this step's token is in
             logits = forward(tokens[:, None], attention_mask[:, :length], next_position[:, None], cache)

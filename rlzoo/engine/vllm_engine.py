@@ -21,7 +21,7 @@ from typing import Sequence
 
 import torch
 
-from rlzoo.engine import ENGINES, Completion, EngineStats, SamplingParams
+from rlzoo.engine import ENGINES, Completion, EngineStats, SamplingParams, prompt_budgets
 from rlzoo.errors import UserError
 
 # Where vLLM keeps the model it runs, newest layout first (v1 in-process engine core, then v0).
@@ -101,19 +101,23 @@ class VLLMEngine:
             self._vllm_model().load_weights((name, tensor.detach()) for name, tensor in model.state_dict().items())
         self.llm.reset_prefix_cache()
 
-    def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> list[list[Completion]]:
-        """Completions [len(prompts)][params.n] of token-id prompts."""
+    def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams,
+                 budgets: Sequence[int] | None = None) -> list[list[Completion]]:
+        """Completions [len(prompts)][params.n] of token-id prompts; prompt i gets at most ``budgets[i]`` new
+        tokens (its request's own SamplingParams.max_tokens; default: ``params.max_new_tokens``)."""
         import vllm
 
         from rlzoo.engine.torch_engine import _check
 
         _check(params)
+        budgets = prompt_budgets(params, len(prompts), budgets)
         if any(len(p) == 0 for p in prompts):
             raise UserError("a prompt is empty; every prompt needs at least one token (e.g. BOS)")
         started = time.perf_counter()
-        common = dict(n=params.n, temperature=params.temperature, top_p=params.top_p,
-                      max_tokens=params.max_new_tokens, stop=list(params.stop), skip_special_tokens=True)
-        sampling = [vllm.SamplingParams(**common, seed=request_seed(params.seed, params.first_index + i)) for i in range(len(prompts))]
+        common = dict(n=params.n, temperature=params.temperature, top_p=params.top_p, stop=list(params.stop),
+                      skip_special_tokens=True)
+        sampling = [vllm.SamplingParams(**common, max_tokens=budget, seed=request_seed(params.seed, params.first_index + i))
+                    for i, budget in enumerate(budgets)]
         outputs = self.llm.generate([{"prompt_token_ids": list(p)} for p in prompts], sampling, use_tqdm=False)
         completions = [
             [Completion(token_ids=list(o.token_ids), text=o.text, finish_reason="length" if o.finish_reason == "length" else "stop")
