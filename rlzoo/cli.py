@@ -128,7 +128,8 @@ def eval_(
     from rlzoo.evaluate import evaluate
     from rlzoo.policy import check_model_for_task, load_policy
     from rlzoo.runs import check_out_dir
-    from rlzoo.tasks import get_task
+    from rlzoo.engine import context_length
+    from rlzoo.tasks import fit_to_context, get_task
     from rlzoo.train import TrainConfig
 
     if not 0.0 < top_p <= 1.0:
@@ -147,9 +148,16 @@ def eval_(
     budget = max_new_tokens or TrainConfig().max_new_tokens or task_obj.max_new_tokens
     engine_cls = ENGINES.get(engine)
     policy, tokenizer = load_policy(model, device=device)
+    train_cfg = TrainConfig()
+    # As train does: problems whose prompt leaves too little room in the model's context are dropped, and counted.
+    problems, dropped = fit_to_context(tokenizer, task_obj, task_obj.problems(split), context_length(policy), budget,
+                                       train_cfg.min_response_tokens, train_cfg.prompt_tokenization)
+    if dropped:
+        print(f"rlzoo: dropped {len(dropped)} of {len(task_obj.problems(split))} {task}/{split} problems whose prompt leaves "
+              f"too little room in the model's {context_length(policy)}-token context for a response")
     result = evaluate(policy, tokenizer, engine_cls(policy, tokenizer), task_obj, split, samples, temperature, top_p, limit, seed,
-                      max_new_tokens=budget)
-    result = {"model": model, "task": task, "max_new_tokens": budget, **result}
+                      problems=problems, max_new_tokens=budget, prompt_tokenization=train_cfg.prompt_tokenization)
+    result = {"model": model, "task": task, "max_new_tokens": budget, "dropped_problems": len(dropped), **result}
 
     table = Table(title=f"{model} on {task}/{split}: {result['n_problems']} problems x {samples} samples, T={temperature}")
     for column in ("pass@1", f"maj@{samples}", "mean tokens", f"cut at {budget}", "seconds"):

@@ -10,7 +10,8 @@ from __future__ import annotations
 import time
 from collections import Counter
 
-from rlzoo.engine import SamplingParams
+from rlzoo.engine import SamplingParams, context_length
+from rlzoo.tasks import encode_prompts
 
 
 def evaluate(
@@ -27,6 +28,7 @@ def evaluate(
     problems: list | None = None,
     max_new_tokens: int | None = None,
     first_index: int = 0,
+    prompt_tokenization: str = "alone",
 ) -> dict:
     """Metrics of ``engine``'s policy on the first ``max_problems`` problems (all if None) of ``split``.
 
@@ -35,16 +37,22 @@ def evaluate(
     ``{"pass@1", f"maj@{samples}", "n_problems", "samples", ..., "problems": [per-problem results]}``.
     ``first_index``: where ``problems`` start in a larger list split over processes (their samples
     are then the ones the whole list would get; see ``SamplingParams.first_index``).
+    ``prompt_tokenization``: how prompts are tokenized (``rlzoo.tasks.encode_prompts``). A response gets at most
+    what the model's context leaves after its prompt (callers drop problems with too little room beforehand:
+    ``rlzoo.tasks.fit_to_context``).
     """
     started = time.time()
     problems = (task.problems(split) if problems is None else problems)[:max_problems]
     engine.sync_weights(model)
-    prompts = [tokenizer(task.prompt(p))["input_ids"] for p in problems]
+    prompts = encode_prompts(tokenizer, task, problems, prompt_tokenization)
+    budget = max_new_tokens or task.max_new_tokens
+    context = context_length(model)
+    budgets = [budget if context is None else min(budget, context - len(p)) for p in prompts]
     params = SamplingParams(
-        n=samples, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens or task.max_new_tokens, stop=task.stop, seed=seed,
+        n=samples, temperature=temperature, top_p=top_p, max_new_tokens=budget, stop=task.stop, seed=seed,
         first_index=first_index,
     )
-    completions = engine.generate(prompts, params)  # [num_problems][samples]
+    completions = engine.generate(prompts, params, budgets=budgets)  # [num_problems][samples]
     texts = [c.text for group in completions for c in group]  # problem-major: problem i owns texts[i*k:(i+1)*k]
     rewards = task.score([p for p in problems for _ in range(samples)], texts)
 

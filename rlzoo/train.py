@@ -26,11 +26,11 @@ import torch
 
 from rlzoo import distributed, runs
 from rlzoo.algorithms import Estimator, build_estimator
-from rlzoo.engine import ENGINES, SamplingParams
+from rlzoo.engine import ENGINES, SamplingParams, context_length
 from rlzoo.errors import UserError, check_ranges
 from rlzoo.ppo import PPOConfig, batched_logprobs, kl_k1, kl_k3, masked_mean, masked_whiten, ppo_update
-from rlzoo.rollout import EstimatorContext, build_batch
-from rlzoo.tasks import Problem, Task, get_task
+from rlzoo.rollout import EstimatorContext, build_batch, remaining_budgets
+from rlzoo.tasks import PROMPT_TOKENIZATIONS, Problem, Task, encode_prompts, fit_to_context, get_task, tokenization_mismatch
 
 
 @gin.configurable("train")
@@ -49,6 +49,8 @@ class TrainConfig:
     temperature: float = 0.6  # training sampler temperature (the paper: 0.6)
     top_p: float = 0.9  # training sampler nucleus (the paper: 0.9)
     max_new_tokens: int = 0  # response budget in tokens (0: the task's default); `rlzoo eval` reads it too
+    min_response_tokens: int = 0  # keep problems whose prompt leaves this much context for the response (their budget shrinks to fit); 0: the whole max_new_tokens
+    prompt_tokenization: str = "alone"  # prompt tokens: "alone" (the prompt text by itself) or "joint" (with the SFT target's fixed lead, e.g. "\n"); `rlzoo eval` reads it too
     lr: float = 1e-6  # policy AdamW learning rate (the paper: 1e-6)
     warmup_ratio: float = 0.03  # linear warm-up over this fraction of the planned optimizer steps
     lr_schedule: str = "constant"  # after warm-up: "constant", "linear" (to 0) or "cosine" (to 0)
@@ -69,10 +71,12 @@ class TrainConfig:
     def __post_init__(self):
         check_ranges(self, {
             "iterations": ">= 1", "max_episodes": ">= 0", "max_seconds": ">= 0", "prompts_per_iteration": ">= 1",
-            "temperature": "> 0", "top_p": "in (0, 1]", "max_new_tokens": ">= 0", "lr": ">= 0", "warmup_ratio": "in [0, 1]",
+            "temperature": "> 0", "top_p": "in (0, 1]", "max_new_tokens": ">= 0", "min_response_tokens": ">= 0", "lr": ">= 0", "warmup_ratio": "in [0, 1]",
             "weight_decay": ">= 0", "eval_every": ">= 1", "eval_samples": ">= 1", "eval_temperature": ">= 0",
             "eval_top_p": "in (0, 1]", "eval_train_problems": ">= 0", "eval_test_problems": ">= 0",
             "checkpoint_every": ">= 1", "keep_checkpoints": ">= 1", "engine_batch_size": ">= 1"}, "train")
+        if self.prompt_tokenization not in PROMPT_TOKENIZATIONS:
+            raise UserError(f"train.prompt_tokenization = {self.prompt_tokenization!r}; expected 'alone' or 'joint'")
         if self.lr_schedule not in ("constant", "linear", "cosine"):
             raise UserError(f"train.lr_schedule = {self.lr_schedule!r}; expected 'constant', 'linear' or 'cosine'")
 
@@ -263,18 +267,24 @@ def check_config(cfg: TrainConfig) -> tuple[PPOConfig, Task, Estimator]:
     return ppo_cfg, task, build_estimator(cfg.algo)
 
 
-def run_problems(cfg: TrainConfig, task: Task) -> tuple[list[Problem], dict[str, list[Problem]]]:
+def run_problems(cfg: TrainConfig, task: Task, fit=None) -> tuple[list[Problem], dict[str, list[Problem]], dict[str, list[str]]]:
     """The train split and the evaluation sets (a fixed, seeded subset of the train split; each eval split, cut
-    to train.eval_test_problems). Reading them checks a dataset-backed task's files."""
-    train_problems = task.problems("train")
+    to train.eval_test_problems), and the ids of the problems ``fit`` dropped from each split (``fit``: problems ->
+    (kept, dropped ids), ``rlzoo.tasks.fit_to_context`` for the run's model; None keeps all). Reading them checks
+    a dataset-backed task's files."""
+    fit = fit or (lambda problems: (list(problems), []))
+    train_problems, dropped_train = fit(task.problems("train"))
     if not train_problems:
-        raise UserError(f"task {task.name!r} has no train problems")
+        raise UserError(f"task {task.name!r} has no train problems" + (
+            f" whose prompt fits the model's context with room for the response ({len(dropped_train)} dropped); "
+            "lower train.max_new_tokens or set train.min_response_tokens" if dropped_train else ""))
+    dropped = {"train": dropped_train}
     subset_order = torch.randperm(len(train_problems), generator=torch.Generator().manual_seed(derive_seed(cfg.seed, 0, 23)))
     eval_sets = {"train": [train_problems[int(i)] for i in subset_order[: cfg.eval_train_problems]]}
     for split in cfg.eval_splits or task.eval_splits:
-        problems = task.problems(split)
+        problems, dropped[split] = fit(task.problems(split))
         eval_sets[split] = problems[: cfg.eval_test_problems] if cfg.eval_test_problems else problems
-    return train_problems, eval_sets
+    return train_problems, eval_sets, dropped
 
 
 def merge_eval(parts: list[dict]) -> dict:
@@ -303,7 +313,7 @@ def train(run_dir: str | Path, cfg: TrainConfig | None = None, command: str = ""
     run_dir = Path(run_dir)
     runs.check_out_dir(run_dir, "run folder")
     ppo_cfg, task, estimator = check_config(cfg)
-    train_problems, eval_sets = run_problems(cfg, task)
+    train_problems, eval_sets, _ = run_problems(cfg, task)
     deepspeed_config = check_launch(cfg, ppo_cfg, estimator.group_size)
     device = distributed.init(cfg.device)  # joins the launcher's process group (torchrun / deepspeed), if any
     if deepspeed_config is not None:
@@ -344,6 +354,25 @@ def _train_owned(run_dir: Path, cfg: TrainConfig, ppo_cfg: PPOConfig, task: Task
     engine = ENGINES.get(cfg.engine)(policy, tokenizer, max_batch_size=cfg.engine_batch_size)
 
     max_new_tokens = cfg.max_new_tokens or task.max_new_tokens
+    # The task for this model: problems whose prompt leaves too little room for a response are dropped now, never
+    # a failure mid-run (the count goes to run.json and the leaderboard); and whether its prompts tokenize alone as
+    # they do at the start of prompt + target (a model fine-tuned on joint text would see unfamiliar splits).
+    context = context_length(policy)
+    train_problems, eval_sets, dropped = run_problems(cfg, task, lambda problems: fit_to_context(
+        tokenizer, task, problems, context, max_new_tokens, cfg.min_response_tokens, cfg.prompt_tokenization))
+    dropped_counts = {split: len(ids) for split, ids in dropped.items()}
+    if main and any(dropped_counts.values()):
+        print(f"rlzoo: dropped problems whose prompt leaves less than {cfg.min_response_tokens or max_new_tokens} tokens "
+              f"of the model's {context}-token context for the response: "
+              + ", ".join(f"{split} {n} of {len(task.problems(split))}" for split, n in dropped_counts.items() if n))
+    mismatch = tokenization_mismatch(tokenizer, task, train_problems)
+    if main and mismatch[cfg.prompt_tokenization] > 0:
+        other = "joint" if cfg.prompt_tokenization == "alone" else "alone"
+        print(f"rlzoo: warning: {mismatch[cfg.prompt_tokenization]:.0%} of {mismatch['sampled']} {task.name} train prompts "
+              f"tokenize ({cfg.prompt_tokenization}) differently from the start of prompt + SFT target"
+              + (f" (alone {mismatch['example'][0]} vs joint {mismatch['example'][1]})" if "example" in mismatch else "")
+              + f": a model fine-tuned on jointly tokenized text sees unfamiliar prompt tokens; train.prompt_tokenization = "
+              f"{other!r} mismatches {mismatch[other]:.0%}")
     norm_tokens = ppo_cfg.loss_norm_tokens or max_new_tokens
     sampling = SamplingParams(n=estimator.group_size, temperature=cfg.temperature, top_p=cfg.top_p,
                               max_new_tokens=max_new_tokens, stop=task.stop)
@@ -396,7 +425,8 @@ def _train_owned(run_dir: Path, cfg: TrainConfig, ppo_cfg: PPOConfig, task: Task
         runs.write_run(run_dir, identity | {"format": runs.FORMAT, "status": "running", "command": command,
                                              "budget": {"iterations": cfg.iterations, "episodes": cfg.max_episodes, "seconds": cfg.max_seconds},
                                              "rlzoo_version": __import__("rlzoo").__version__, "processes": distributed.world_size(),
-                                             "started": previous.get("started") or time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+                                             "started": previous.get("started") or time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                                             "dropped_problems": dropped_counts, "prompt_tokenization_mismatch": mismatch})
     distributed.barrier()  # no rank reads the run folder while rank 0 rewrites it
 
     from torch.utils.tensorboard import SummaryWriter
@@ -425,7 +455,7 @@ def _train_owned(run_dir: Path, cfg: TrainConfig, ppo_cfg: PPOConfig, task: Task
             with ctx.sampling_weights():
                 result = evaluate(policy, tokenizer, engine, task, split, problems=problems[mine.start : mine.stop],
                                   samples=cfg.eval_samples, temperature=cfg.eval_temperature, top_p=cfg.eval_top_p,
-                                  max_new_tokens=max_new_tokens, seed=eval_seed,
+                                  max_new_tokens=max_new_tokens, seed=eval_seed, prompt_tokenization=cfg.prompt_tokenization,
                                   first_index=mine.start)
             result = merge_eval(distributed.gather_objects({k: v for k, v in result.items() if k != "problems"}))
             record |= {f"eval/{split}/{k}": v for k, v in result.items()
@@ -453,10 +483,12 @@ def _train_owned(run_dir: Path, cfg: TrainConfig, ppo_cfg: PPOConfig, task: Task
         # 1. Rollouts: group_size responses to each of this iteration's prompts. Each rank samples its
         #    part of the prompts (a prompt's group stays on one rank), with the keys one process would use.
         problems = iteration_problems(train_problems, it, cfg.prompts_per_iteration, cfg.seed)
-        prompt_ids = [tokenizer(task.prompt(p), add_special_tokens=True)["input_ids"] for p in problems]
+        prompt_ids = encode_prompts(tokenizer, task, problems, cfg.prompt_tokenization)
+        budgets = remaining_budgets(prompt_ids, list(map(len, prompt_ids)), max_new_tokens, context)  # < max_new_tokens only under min_response_tokens
         mine = distributed.shard(len(problems))
         with watch("generation"), ctx.sampling_weights():
-            completions = engine.generate(prompt_ids[mine.start : mine.stop], replace(ctx.sampling, first_index=mine.start))  # [P_rank][G]
+            completions = engine.generate(prompt_ids[mine.start : mine.stop], replace(ctx.sampling, first_index=mine.start),
+                                          budgets=budgets[mine.start : mine.stop])  # [P_rank][G]
         generation_tokens = engine.stats.forward_tokens - engine_tokens_before  # this rank's prefill + decode
 
         # 2. Rewards (graded in worker processes for math-verify tasks); then every rank holds the whole batch.
