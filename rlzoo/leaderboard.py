@@ -479,6 +479,11 @@ def caveats(groups: dict[str, list[Run]], baseline: str) -> list[str]:
         seen = sorted({json.dumps(r.info.get(key), sort_keys=True) for r in runs})
         if len(seen) > 1:
             out.append(f"runs differ in {what} ({', '.join(seen)}): the comparison is not controlled")
+    dropped = sorted({json.dumps({k: v for k, v in (r.info.get("dropped_problems") or {}).items() if v}, sort_keys=True)
+                      for r in runs} - {"{}"})
+    if dropped:  # train fitted the task to the model's context (rlzoo.tasks.fit_to_context)
+        out.append(f"problems dropped because their prompt leaves too little of the model's context for a response "
+                   f"(per split): {', '.join(dropped)}")
     for algo, rs in groups.items():
         seeds = [r.seed for r in rs]
         if len(set(map(str, seeds))) < len(seeds):
