@@ -13,7 +13,7 @@ from torch import nn
 from rlzoo import distributed
 from rlzoo.algorithms import ESTIMATORS, Credit, Estimator
 from rlzoo.errors import UserError
-from rlzoo.ppo import masked_mean, minibatch_indices, value_loss
+from rlzoo.ppo import PPOConfig, masked_mean, minibatch_indices, value_loss
 
 
 class ValueModel(nn.Module):
@@ -64,6 +64,8 @@ class ValuePPO(Estimator):
     lam: float = 1.0  # GAE λ
     value_clip: float = 0.2  # new values stay within ± this of the values at rollout time
     critic_lr: float = 1e-4  # AdamW learning rate of the critic
+    critic_lr_schedule: str = "constant"  # "constant", or "policy": the policy's warm-up and decay, step for step (the reference's; needs the policy's optimizer steps per iteration)
+    critic_betas: tuple = (0.9, 0.95)  # AdamW betas of the critic
     critic_epochs: int = 2  # passes over each batch for the critic
     critic_minibatches: int = 4  # critic optimizer steps per epoch
     micro_batch_size: int = 64  # rows per critic forward/backward
@@ -71,14 +73,28 @@ class ValuePPO(Estimator):
     ranges = {**Estimator.ranges, "gamma": "in [0, 1]", "lam": "in [0, 1]", "value_clip": "> 0", "critic_lr": ">= 0",
               "critic_epochs": ">= 1", "critic_minibatches": ">= 1", "micro_batch_size": ">= 1", "max_grad_norm": "> 0"}
 
+    def __post_init__(self):
+        super().__post_init__()
+        if self.critic_lr_schedule not in ("constant", "policy"):
+            raise UserError(f"value_ppo.critic_lr_schedule = {self.critic_lr_schedule!r}; expected 'constant' or 'policy'")
+
     def setup(self, ctx) -> None:
         world = distributed.world_size()
         if world > 1 and ctx.batch_rows % (self.critic_minibatches * world):  # every rank must run as many micro-batches
             raise UserError(f"value_ppo.critic_minibatches = {self.critic_minibatches} does not split the {ctx.batch_rows} rows "
                             f"of an iteration evenly over {world} processes; pick a divisor of {ctx.batch_rows // world}")
+        schedule = None
+        if self.critic_lr_schedule == "policy":  # the policy's lr_lambda counts the policy's optimizer steps
+            ppo_cfg = PPOConfig()
+            if (self.critic_epochs, self.critic_minibatches) != (ppo_cfg.epochs, ppo_cfg.minibatches):
+                raise UserError(f"value_ppo.critic_lr_schedule = 'policy' needs the critic to take the policy's optimizer steps: "
+                                f"value_ppo.critic_epochs x critic_minibatches = {self.critic_epochs} x {self.critic_minibatches}, "
+                                f"ppo.epochs x minibatches = {ppo_cfg.epochs} x {ppo_cfg.minibatches}")
+            schedule = ctx.trained["policy"].lr_lambda
         self.critic = ValueModel(ctx.model_path).to(ctx.device)
-        self.trainer = ctx.prepare("critic", self.critic, lr=self.critic_lr, betas=(0.9, 0.95),
-                                   max_grad_norm=self.max_grad_norm, micro_batch_size=self.micro_batch_size)
+        self.trainer = ctx.prepare("critic", self.critic, lr=self.critic_lr, betas=tuple(self.critic_betas),
+                                   max_grad_norm=self.max_grad_norm, micro_batch_size=self.micro_batch_size,
+                                   lr_lambda=schedule)
 
     @torch.no_grad()
     def predict(self, input_ids, attention_mask) -> torch.Tensor:  # [B, L]

@@ -236,7 +236,7 @@ class Trained:
                  deepspeed_config: dict | None = None):
         self.module = module
         self.max_grad_norm = max_grad_norm
-        lr_lambda = lr_lambda or (lambda step: 1.0)
+        lr_lambda = self.lr_lambda = lr_lambda or (lambda step: 1.0)  # kept: a critic may follow the policy's schedule
         self.engine = None
         if deepspeed_config is not None:
             import deepspeed

@@ -11,6 +11,7 @@ from rlzoo.algorithms.rloo import rloo_advantages
 from rlzoo.algorithms.value_ppo import gae
 from rlzoo.algorithms.vineppo import step_advantages
 from rlzoo.engine import SamplingParams
+from rlzoo.errors import UserError
 from rlzoo.policy import build_char_tokenizer
 from rlzoo.rollout import EstimatorContext, build_batch
 from rlzoo.tasks import Problem
@@ -179,3 +180,25 @@ def test_vineppo_caps_valued_steps():
         assert torch.all(credit.advantages[b, starts[1]:] == 0)
         # ... and step 0 gets R - V(s_0)
         assert abs(credit.advantages[b, starts[0]].item() - (batch.scores[b].item() - credit.values[b, starts[0]].item())) < 1e-6
+
+
+def test_the_critic_can_follow_the_policys_learning_rate_schedule(tiny_policy_path):
+    """The reference trains its critic with the actor's schedule (value_ppo.critic_lr_schedule = "policy")."""
+    import gin
+
+    from rlzoo.algorithms import build_estimator
+    from rlzoo.policy import load_policy
+    from rlzoo.rollout import EstimatorContext
+
+    policy, tokenizer = load_policy(str(tiny_policy_path))
+    ctx = EstimatorContext(policy=policy, tokenizer=tokenizer, engine=None, task=None, sampling=SamplingParams(),
+                           model_path=str(tiny_policy_path), device=torch.device("cpu"), seed=0)
+    ctx.prepare("policy", policy, lr=1e-3, lr_lambda=lambda step: 0.25 if step == 0 else 0.5)
+    gin.parse_config(["value_ppo.critic_lr_schedule = 'policy'", "value_ppo.critic_lr = 2e-3",
+                      "value_ppo.critic_betas = (0.9, 0.999)", "value_ppo.critic_minibatches = 4", "ppo.minibatches = 4"])
+    build_estimator("ppo").setup(ctx)
+    group = ctx.trained["critic"].optimizer.param_groups[0]
+    assert group["lr"] == 2e-3 * 0.25 and group["betas"] == (0.9, 0.999)  # the policy's schedule at step 0
+    gin.parse_config(["ppo.minibatches = 8"])
+    with pytest.raises(UserError, match="optimizer steps"):
+        build_estimator("ppo").setup(ctx)

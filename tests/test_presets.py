@@ -35,3 +35,18 @@ def test_paper_recipes_use_the_papers_hyperparameters():
     assert (cfg.lr, cfg.warmup_ratio, cfg.engine) == (1e-6, 0.03, "vllm")
     value = build_estimator("ppo")
     assert (value.gamma, value.lam) == (1.0, 1.0)
+
+
+@pytest.mark.parametrize("preset", ["paper_rho1b_math.gin", "paper_rho1b_gsm8k.gin"])
+def test_paper_presets_follow_the_reference_trainer(preset):
+    """McGill-NLP/VinePPO: 512 episodes per iteration in optimizer batches of 64 (8 steps per epoch, 2 epochs),
+    WarmupDecayLR (3% warm-up, linear decay to 0), and a critic trained with the actor's learning rate, schedule,
+    AdamW betas and minibatches."""
+    apply_gin([BENCHMARKS / preset])
+    cfg, ppo, value = TrainConfig(), PPOConfig(), build_estimator("ppo")
+    episodes = cfg.prompts_per_iteration * build_estimator("vineppo").group_size
+    assert episodes == 512 and episodes // ppo.minibatches == 64 and ppo.epochs == 2
+    assert (cfg.lr_schedule, cfg.warmup_ratio, cfg.lr) == ("linear", 0.03, 1e-6)
+    assert (value.critic_lr, value.critic_lr_schedule, tuple(value.critic_betas)) == (cfg.lr, "policy", (0.9, 0.999))
+    assert (value.critic_epochs, value.critic_minibatches) == (ppo.epochs, ppo.minibatches)
+    assert (value.gamma, value.lam, value.value_clip) == (1.0, 1.0, 0.2)
