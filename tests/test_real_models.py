@@ -192,3 +192,65 @@ def test_a_run_drops_long_prompts_warns_of_the_tokenization_and_records_both(lla
 
     (line,) = [c for c in caveats({"vineppo": [load_run(tmp_path)]}, "ppo") if "dropped" in c]
     assert json.dumps(info["dropped_problems"]["train"]) in line
+
+
+def test_the_vllm_engine_gives_each_request_its_own_max_tokens(monkeypatch):
+    """vLLM gets one SamplingParams per request, whose max_tokens is that prompt's budget (vllm itself needs a GPU:
+    a stand-in module records what the engine asks of it)."""
+    import sys
+    import types
+    from dataclasses import dataclass
+
+    from rlzoo.engine.vllm_engine import VLLMEngine, request_seed
+    from rlzoo.engine import EngineStats
+
+    @dataclass
+    class FakeSamplingParams:
+        n: int
+        temperature: float
+        top_p: float
+        stop: list
+        skip_special_tokens: bool
+        max_tokens: int
+        seed: int
+
+    class FakeLLM:
+        def generate(self, requests, sampling, use_tqdm):
+            self.sampling = sampling
+            output = lambda i: types.SimpleNamespace(token_ids=[5] * sampling[i].max_tokens, text="x", finish_reason="length", index=0)  # noqa: E731
+            return [types.SimpleNamespace(outputs=[output(i)], prompt_token_ids=r["prompt_token_ids"], num_cached_tokens=0)
+                    for i, r in enumerate(requests)]
+
+    monkeypatch.setitem(sys.modules, "vllm", types.SimpleNamespace(SamplingParams=FakeSamplingParams))
+    engine = object.__new__(VLLMEngine)
+    engine.llm, engine.stats = FakeLLM(), EngineStats()
+    params = SamplingParams(n=1, max_new_tokens=9, seed=3, first_index=2)
+    out = engine.generate([[1, 2], [1, 2, 3]], params, budgets=[4, 7])
+    assert [s.max_tokens for s in engine.llm.sampling] == [4, 7] and [len(g[0].token_ids) for g in out] == [4, 7]
+    assert [s.seed for s in engine.llm.sampling] == [request_seed(3, 2), request_seed(3, 3)]
+    engine.generate([[1, 2]], params)
+    assert [s.max_tokens for s in engine.llm.sampling] == [9]  # no budgets: params.max_new_tokens
+
+
+@pytest.mark.parametrize("mode", ["remaining", "reference"])
+def test_vineppo_asks_the_engine_for_each_states_budget(llama, mode):
+    from rlzoo.algorithms.vineppo import VinePPO
+
+    policy, tokenizer = load_policy(llama)
+    task = get_task("gsm8k")
+    problem = max(task.problems("test")[:50], key=lambda p: len(task.split_steps(task.target(p)[:200])))
+    prompt = encode_prompts(tokenizer, task, [problem])[0]
+    response = tokenizer(task.target(problem), add_special_tokens=False)["input_ids"][:90]
+    batch = build_batch(tokenizer, task, [problem], [prompt], [[_completion(response, tokenizer.decode(response))]], [0.0])
+    engine, seen = TorchEngine(policy, tokenizer), []
+    generate = engine.generate
+    engine.generate = lambda prompts, params, budgets=None: seen.append((prompts, budgets)) or generate(prompts, params, budgets)
+    ctx = EstimatorContext(policy=policy, tokenizer=tokenizer, engine=engine, task=task, model_path=llama, device=torch.device("cpu"),
+                           sampling=SamplingParams(n=1, temperature=1.0, max_new_tokens=96, stop=task.stop, seed=0), seed=0)
+    VinePPO(group_size=1, k=2, continuation_budget=mode).advantages(batch, ctx)
+    ((states, budgets),) = seen
+    assert len(states) == len(batch.step_starts[0]) > 2
+    if mode == "remaining":  # what is left of the 96-token response budget
+        assert budgets == [96 - (len(s) - len(prompt)) for s in states]
+    else:  # the reference's min(max_new_tokens, context - state): the full budget wherever the context has room
+        assert budgets == [min(96, 256 - len(s)) for s in states] and set(budgets) == {96}
