@@ -5,7 +5,11 @@ A run folder holds one training run (one strategy, one task, one seed)::
     RUN/
       run.json          identity, written at start: {"format": 1, "algo", "task", "model", "seed",
                         "budget": {"iterations"|"episodes"|"seconds": N}, "rlzoo_version",
-                        "command", "started"}; "status" is "running" | "finished" | "failed"
+                        "command", "started", "dropped_problems": {split: N} (problems whose prompt leaves too
+                        little of the model's context for a response, left out; ``rlzoo.tasks.fit_to_context``),
+                        "prompt_tokenization_mismatch": {"sampled", "alone", "joint"} (fractions of train prompts
+                        that tokenize differently from the start of prompt + target; ``tokenization_mismatch``)};
+                        "status" is "running" | "finished" | "failed"
       config.gin        the operative gin config (every binding that took effect)
       metrics.jsonl     one JSON object per line, appended and flushed per record (see below)
       tb/               TensorBoard events (same scalars)
