@@ -20,12 +20,8 @@ import gin
 import torch
 
 from rlzoo.algorithms import ESTIMATORS, Credit, Estimator
-
-
-def step_advantages(step_values: list[float], final_reward: float) -> list[float]:
-    """A_t = V(s_{t+1}) - V(s_t) for steps t = 0..m-1, with V(s_m) = final reward."""
-    nxt = step_values[1:] + [final_reward]
-    return [b - a for a, b in zip(step_values, nxt)]
+from rlzoo.rollout import first_occurrences, step_advantages
+from rlzoo.seeds import Salt, substream
 
 
 @ESTIMATORS.register("vineppo")
@@ -37,6 +33,20 @@ class VinePPO(Estimator):
     max_valued_steps: int = 100  # states after this many steps take the final reward as their value
     uses_rollouts: bool = True
     ranges = {**Estimator.ranges, "k": ">= 1", "max_valued_steps": ">= 0"}
+    report_options = ("k",)
+
+    def mc_params(self, ctx):
+        """The sampler of the MC continuations: the training one, K per state, its own noise (not the rollouts')."""
+        return replace(ctx.sampling, n=self.k, seed=substream(ctx.sampling.seed, Salt.MC))
+
+    def state_values(self, states, problems, prompt_lens, ctx, rewards) -> torch.Tensor:  # [N]
+        """V̂(s) = mean reward of K continuations; a finished response is worth its reward (every rollout from it returns it)."""
+        values = torch.tensor([r if r is not None else 0.0 for r in rewards], dtype=torch.float32)  # [N]
+        open_ = [i for i, r in enumerate(rewards) if r is None]
+        if open_:
+            values[open_] = ctx.values_by_rollouts([states[i] for i in open_], [problems[i] for i in open_],
+                                                   [prompt_lens[i] for i in open_], self.mc_params(ctx), purpose="mc")
+        return values
 
     def advantages(self, batch, ctx) -> Credit:
         # One state per valued step boundary of every response: (row, step index, token position).
@@ -47,8 +57,7 @@ class VinePPO(Estimator):
                 problems.append(batch.problems[b])
                 prompt_lens.append(int(batch.prompt_lens[b]))
                 where.append((b, t))
-        mc_params = replace(ctx.sampling, n=self.k, seed=ctx.sampling.seed + 7919)  # not the policy rollouts' noise
-        values = ctx.values_by_rollouts(states, problems, prompt_lens, mc_params, purpose="mc").tolist()  # [N]
+        values = ctx.values_by_rollouts(states, problems, prompt_lens, self.mc_params(ctx), purpose="mc").tolist()  # [N]
 
         step_values: list[list[float]] = [[] for _ in range(batch.size)]
         for (b, t), v in zip(where, values):
@@ -66,5 +75,5 @@ class VinePPO(Estimator):
                 token_values[b, start:end] = v
         advantages *= batch.response_mask
         return Credit(advantages=advantages, values=token_values * batch.response_mask,
-                      stats={"mc_states": len(states), "mc_unique_states": len({tuple(s) for s in states}),
+                      stats={"mc_states": len(states), "mc_unique_states": len(first_occurrences(states)),
                              "mc_value_mean": sum(values) / max(len(values), 1)})

@@ -134,6 +134,21 @@ def build_batch(tokenizer, task: Task, problems: list[Problem], prompt_ids: list
     )
 
 
+def step_advantages(step_values: list[float], final_reward: float) -> list[float]:
+    """A_t = V(s_{t+1}) - V(s_t) for steps t = 0..m-1, with V(s_m) = final reward (reward only at the end, γ = 1)."""
+    nxt = step_values[1:] + [final_reward]
+    return [b - a for a, b in zip(step_values, nxt)]
+
+
+def first_occurrences(states: list[list[int]]) -> dict[tuple, int]:
+    """Each distinct state (as a tuple) -> the index of its first occurrence in ``states``, in order of first
+    appearance: what is rolled out or valued once for all its copies."""
+    first: dict[tuple, int] = {}
+    for i, s in enumerate(states):
+        first.setdefault(tuple(s), i)
+    return first
+
+
 class Stopwatch:
     """Seconds spent per stage; ``with watch("generation"): ...`` adds to that stage."""
 
@@ -205,9 +220,7 @@ class EstimatorContext:
         """
         with self.watch(purpose):
             forward_before = self.engine.stats.forward_tokens
-            unique: dict[tuple, int] = {}  # state -> index of its first occurrence
-            for i, s in enumerate(states):
-                unique.setdefault(tuple(s), i)
+            unique = first_occurrences(states)  # state -> index of its first occurrence
             keys = list(unique)
             mine = distributed.shard(len(keys))  # this rank's contiguous part of the distinct states
             completions = []  # [U_rank][n]

@@ -30,6 +30,7 @@ from rlzoo.engine import ENGINES, SamplingParams
 from rlzoo.errors import UserError, check_ranges
 from rlzoo.ppo import PPOConfig, batched_logprobs, kl_k1, kl_k3, masked_mean, masked_whiten, ppo_update
 from rlzoo.rollout import EstimatorContext, build_batch
+from rlzoo.seeds import Salt, derive_seed
 from rlzoo.tasks import Problem, Task, get_task
 
 
@@ -77,11 +78,6 @@ class TrainConfig:
             raise UserError(f"train.lr_schedule = {self.lr_schedule!r}; expected 'constant', 'linear' or 'cosine'")
 
 
-def derive_seed(seed: int, iteration: int, salt: int) -> int:
-    """A distinct, reproducible seed for each (run seed, iteration, purpose)."""
-    return (seed * 1_000_003 + iteration * 10_007 + salt) % (2**31 - 1)
-
-
 def iteration_problems(problems: list[Problem], iteration: int, count: int, seed: int) -> list[Problem]:
     """The prompts of ``iteration``: consecutive slices of seeded permutations of the train split,
     one permutation per pass, so every strategy and a resumed run see the same prompts in the same order."""
@@ -91,7 +87,7 @@ def iteration_problems(problems: list[Problem], iteration: int, count: int, seed
     for k in range(iteration * count, (iteration + 1) * count):
         epoch, i = divmod(k, n)
         if epoch not in orders:
-            orders[epoch] = torch.randperm(n, generator=torch.Generator().manual_seed(derive_seed(seed, epoch, 17)))
+            orders[epoch] = torch.randperm(n, generator=torch.Generator().manual_seed(derive_seed(seed, epoch, Salt.PROMPT_ORDER)))
         out.append(problems[int(orders[epoch][i])])
     return out
 
@@ -269,7 +265,7 @@ def run_problems(cfg: TrainConfig, task: Task) -> tuple[list[Problem], dict[str,
     train_problems = task.problems("train")
     if not train_problems:
         raise UserError(f"task {task.name!r} has no train problems")
-    subset_order = torch.randperm(len(train_problems), generator=torch.Generator().manual_seed(derive_seed(cfg.seed, 0, 23)))
+    subset_order = torch.randperm(len(train_problems), generator=torch.Generator().manual_seed(derive_seed(cfg.seed, 0, Salt.EVAL_SUBSET)))
     eval_sets = {"train": [train_problems[int(i)] for i in subset_order[: cfg.eval_train_problems]]}
     for split in cfg.eval_splits or task.eval_splits:
         problems = task.problems(split)
@@ -415,7 +411,7 @@ def _train_owned(run_dir: Path, cfg: TrainConfig, ppo_cfg: PPOConfig, task: Task
 
     # One sampling seed for every evaluation of the run (and, with the same run seed, of every strategy):
     # with the same problems too, an unchanged policy scores the same, so a curve moves by learning alone.
-    eval_seed = derive_seed(cfg.seed, 0, 29)
+    eval_seed = derive_seed(cfg.seed, 0, Salt.EVAL)
 
     def run_eval() -> None:
         t0 = time.perf_counter()
@@ -448,7 +444,7 @@ def _train_owned(run_dir: Path, cfg: TrainConfig, ppo_cfg: PPOConfig, task: Task
         engine_tokens_before = engine.stats.forward_tokens  # this rank's
         watch.seconds.clear()
         ctx.iteration = it
-        ctx.sampling = replace(sampling, seed=derive_seed(cfg.seed, it, 1))
+        ctx.sampling = replace(sampling, seed=derive_seed(cfg.seed, it, Salt.ROLLOUTS))
 
         # 1. Rollouts: group_size responses to each of this iteration's prompts. Each rank samples its
         #    part of the prompts (a prompt's group stays on one rank), with the keys one process would use.
@@ -498,7 +494,7 @@ def _train_owned(run_dir: Path, cfg: TrainConfig, ppo_cfg: PPOConfig, task: Task
         # 5. PPO epochs on the policy (each rank its rows of every minibatch); the engine then samples from the new weights.
         with watch("update"):
             update_stats = ppo_update(trainer, batch_on(batch, device), advantages.to(device), ppo_cfg, cfg.temperature,
-                                      torch.Generator().manual_seed(derive_seed(cfg.seed, it, 3)), norm_tokens)
+                                      torch.Generator().manual_seed(derive_seed(cfg.seed, it, Salt.PPO_MINIBATCHES)), norm_tokens)
             if not all(torch.isfinite(p).all() for p in policy.parameters()):
                 raise FloatingPointError("the PPO update made the policy's weights non-finite: lower train.lr or raise ppo.kl_coef")
             with ctx.sampling_weights():
