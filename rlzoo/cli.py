@@ -71,10 +71,11 @@ def train(
     from rlzoo.runs import read_run
 
     if read_run(run_dir).get("status") != "finished":
-        distributed.is_main() and print(f"rlzoo: interrupted; checkpoint saved in {run_dir}; run the same command to resume",
-                                        file=sys.stderr)
+        if distributed.is_main():
+            print(f"rlzoo: interrupted; checkpoint saved in {run_dir}; run the same command to resume", file=sys.stderr)
         raise typer.Exit(130)
-    distributed.is_main() and print(f"rlzoo: run folder {run_dir}")
+    if distributed.is_main():
+        print(f"rlzoo: run folder {run_dir}")
 
 
 @app.command()
@@ -302,7 +303,8 @@ def _run(argv: list[str]) -> None:
         print(f"rlzoo: error: {(str(e).splitlines() or [''])[0]}", file=sys.stderr)
         sys.exit(2)
     except NO_ARGS_ERRORS as e:
-        e.ctx and print(e.ctx.get_help())
+        if e.ctx:
+            print(e.ctx.get_help())
         sys.exit(0)
     except USAGE_ERRORS as e:
         print(f"rlzoo: error: {e.format_message()}", file=sys.stderr)

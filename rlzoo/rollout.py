@@ -150,22 +150,26 @@ def first_occurrences(states: list[list[int]]) -> dict[tuple, int]:
 
 
 class Stopwatch:
-    """Seconds spent per stage; ``with watch("generation"): ...`` adds to that stage."""
+    """Seconds spent per stage; ``with watch("generation"): ...`` adds to that stage. Spans nest: a span opened
+    inside another (an estimator's rollouts inside "advantages") takes its seconds out of the outer one, so every
+    second is counted once, in the innermost stage, whatever the stages are called."""
 
     def __init__(self):
         self.seconds: Counter = Counter()
+        self._open: list[list[float]] = []  # per open span: [start, seconds of the spans nested in it]
 
+    @contextlib.contextmanager
     def __call__(self, stage: str):
-        watch = self
-
-        class _Span:
-            def __enter__(self):
-                self.t0 = time.perf_counter()
-
-            def __exit__(self, *exc):
-                watch.seconds[stage] += time.perf_counter() - self.t0
-
-        return _Span()
+        span = [time.perf_counter(), 0.0]
+        self._open.append(span)
+        try:
+            yield
+        finally:
+            self._open.pop()
+            elapsed = time.perf_counter() - span[0]
+            self.seconds[stage] += elapsed - span[1]
+            if self._open:
+                self._open[-1][1] += elapsed
 
 
 @dataclass

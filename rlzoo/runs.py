@@ -1,4 +1,5 @@
-"""The run folder: the only interface between ``rlzoo train``, ``rlzoo bench`` and ``rlzoo leaderboard``.
+"""The run folder: the only interface between ``rlzoo train``, ``rlzoo bench`` and ``rlzoo leaderboard``, its
+format, and reading it (``load_run``, ``find_runs``: what the leaderboard and the bench read).
 
 A run folder holds one training run (one strategy, one task, one seed)::
 
