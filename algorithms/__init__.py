@@ -13,12 +13,27 @@ DeepSpeed, as the run is launched) that the loop checkpoints. Under data paralle
 holds the whole (global) batch: estimators compute on it as in one process, and only their heavy
 parts are split (``values_by_rollouts``; a critic's forward and update, see ``value_ppo``). Register with
 ``@ESTIMATORS.register("name")`` (built-ins) or the ``rlzoo.estimators`` entry-point group
-(third-party packages: ``name = "package.module:EstimatorClass"``).
+(third-party packages: ``name = "package.module:EstimatorClass"``). Every module of this package is a
+built-in: they are found by listing the package (``pkgutil``), not named anywhere.
+
+What the credit audit (``rlzoo audit``) reads, also through the contract and never by name:
+
+- ``Credit.values``: every estimator's V̂ of the state before each response token (GRPO / RLOO their
+  baseline, REINFORCE 0, VinePPO its Monte-Carlo values, PPO its critic).
+- ``state_values(states, problems, prompt_lens, ctx, rewards)``: V̂ of arbitrary token prefixes (to rank
+  alternative next steps); None, the default, for a strategy that values a state only through the
+  response it lies on (a group baseline).
+- ``learned`` / ``load_learned(checkpoint, ctx)``: a strategy whose credit needs what it learned in
+  training (a critic) says so, and loads it from a checkpoint of one of its runs; the audit trains
+  such a run (``rlzoo train`` with the policy frozen) when it is given none.
+- ``report_options``: the settings shown beside its name in reports (VinePPO: ``k``).
 """
 
 from __future__ import annotations
 
+import pkgutil
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -28,17 +43,13 @@ from rlzoo.registry import Registry
 
 if TYPE_CHECKING:
     from rlzoo.rollout import RolloutBatch
+    from rlzoo.tasks import Problem
 
+# Built-ins: every module of this package (a new strategy is one new file here, or a package's entry point).
 ESTIMATORS: Registry = Registry(
     "estimator",
     "rlzoo.estimators",
-    builtin_modules=(
-        "rlzoo.algorithms.value_ppo",
-        "rlzoo.algorithms.grpo",
-        "rlzoo.algorithms.rloo",
-        "rlzoo.algorithms.vineppo",
-        "rlzoo.algorithms.reinforce",
-    ),
+    builtin_modules=tuple(f"{__name__}.{m.name}" for m in pkgutil.iter_modules(__path__) if not m.name.startswith("_")),
 )
 
 
@@ -46,7 +57,7 @@ ESTIMATORS: Registry = Registry(
 class Credit:
     advantages: torch.Tensor  # [B, L] float32, 0 outside the response mask
     returns: torch.Tensor | None = None  # [B, L] float32: critic targets, for strategies with a critic
-    values: torch.Tensor | None = None  # [B, L] float32: the estimate of V(state before token i), if any
+    values: torch.Tensor | None = None  # [B, L] float32: V̂(state before token i), 0 outside the response mask; every built-in fills it
     stats: dict[str, float] = field(default_factory=dict)  # logged as "credit/<key>"
 
 
@@ -60,6 +71,8 @@ class Estimator:
     # Field -> rule (rlzoo.errors.check_ranges), checked as a dataclass estimator is built: a bad binding is one
     # line that names it, before a run folder exists. A strategy with more numbers extends it.
     ranges: dict[str, str] = {"group_size": ">= 1"}
+    learned: bool = False  # its credit needs what it learned in training (a critic): an audit calls load_learned
+    report_options: tuple[str, ...] = ()  # fields shown beside its name in reports, e.g. ("k",) -> "vineppo (k=9)"
 
     def __post_init__(self) -> None:
         check_ranges(self, self.ranges)
@@ -72,6 +85,20 @@ class Estimator:
 
     def update_critic(self, batch: "RolloutBatch", credit: Credit, ctx: Any) -> dict[str, float]:
         return {}
+
+    def state_values(self, states: list[list[int]], problems: list["Problem"], prompt_lens: list[int], ctx: Any,
+                     rewards: list[float | None]) -> torch.Tensor | None:
+        """V̂ of arbitrary states, [N] float32: ``states[i]`` is a token prefix (prompt + the first tokens of a response)
+        of ``problems[i]``, whose prompt is its first ``prompt_lens[i]`` tokens; where ``rewards[i]`` is not None,
+        ``states[i]`` is a whole, finished response that earned that reward. None (the default): the strategy values a
+        state only through the response it lies on (a group baseline), so it cannot tell alternatives apart."""
+        return None
+
+    def load_learned(self, checkpoint: Path, ctx: Any) -> None:
+        """For an estimator that is ``learned``: make it ready to credit responses outside training (``rlzoo audit``)
+        from a checkpoint folder of one of its runs (``checkpoints/iter_N``); called instead of ``setup``. Raise a
+        UserError naming what is missing if the checkpoint lacks it."""
+        raise NotImplementedError(f"{type(self).__name__} is learned but does not say how to load it (load_learned)")
 
     def state_dict(self) -> dict:
         """What a checkpoint keeps of the estimator: tensors and plain values (numbers, strings, lists, dicts) only,

@@ -34,6 +34,11 @@ def group_all_equal(scores: torch.Tensor, group_ids: torch.Tensor) -> torch.Tens
     return (high == low)[group_ids]
 
 
+def group_mean(scores: torch.Tensor, group_ids: torch.Tensor) -> torch.Tensor:
+    """The baseline of every row: the mean score of its group. [B] -> [B]."""
+    return group_mean_std(scores, group_ids)[0]
+
+
 def grpo_advantages(scores: torch.Tensor, group_ids: torch.Tensor, eps: float, scale: bool) -> torch.Tensor:
     """(r - mean_group) / (std_group + eps), or r - mean_group if not ``scale``. [B] -> [B].
 
@@ -57,7 +62,8 @@ class GRPO(Estimator):
     def advantages(self, batch, ctx) -> Credit:
         scores = batch.token_rewards.sum(-1)  # [B]: the task reward (minus k1 KL if it is in the reward)
         adv = grpo_advantages(scores, batch.group_ids, self.eps, scale=True)  # [B]
-        return Credit(advantages=adv[:, None] * batch.response_mask)
+        baseline = group_mean(scores, batch.group_ids)  # [B]: V̂ of every state of the response
+        return Credit(advantages=adv[:, None] * batch.response_mask, values=baseline[:, None] * batch.response_mask)
 
 
 @ESTIMATORS.register("dr_grpo")
@@ -73,4 +79,5 @@ class DrGRPO(Estimator):
     def advantages(self, batch, ctx) -> Credit:
         scores = batch.token_rewards.sum(-1)  # [B]
         adv = grpo_advantages(scores, batch.group_ids, 0.0, scale=False)  # [B]
-        return Credit(advantages=adv[:, None] * batch.response_mask)
+        baseline = group_mean(scores, batch.group_ids)  # [B]
+        return Credit(advantages=adv[:, None] * batch.response_mask, values=baseline[:, None] * batch.response_mask)

@@ -9,7 +9,7 @@ import gin
 import torch
 
 from rlzoo.algorithms import ESTIMATORS, Credit, Estimator
-from rlzoo.ppo import masked_whiten
+from rlzoo.ppo import masked_mean, masked_whiten
 
 
 @ESTIMATORS.register("reinforce")
@@ -19,7 +19,8 @@ class Reinforce(Estimator):
     group_size: int = 8  # samples per prompt (8 for every method, as in the paper)
 
     def advantages(self, batch, ctx) -> Credit:
-        return Credit(advantages=batch.token_rewards.sum(-1)[:, None] * batch.response_mask)
+        # No baseline: V̂ = 0 for every state.
+        return Credit(advantages=batch.token_rewards.sum(-1)[:, None] * batch.response_mask, values=torch.zeros_like(batch.response_mask))
 
 
 @ESTIMATORS.register("remax")
@@ -36,7 +37,8 @@ class ReMax(Estimator):
         greedy = replace(ctx.sampling, n=1, temperature=0.0)
         baseline = ctx.values_by_rollouts(prompts, batch.problems, batch.prompt_lens.tolist(), greedy, purpose="baseline")
         adv = batch.token_rewards.sum(-1) - baseline  # [B]
-        return Credit(advantages=adv[:, None] * batch.response_mask, stats={"baseline_mean": baseline.mean().item()})
+        return Credit(advantages=adv[:, None] * batch.response_mask, values=baseline[:, None] * batch.response_mask,
+                      stats={"baseline_mean": baseline.mean().item()})
 
 
 def returns_to_go(token_rewards: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -56,4 +58,7 @@ class ReinforcePP(Estimator):
 
     def advantages(self, batch, ctx) -> Credit:
         returns = returns_to_go(batch.token_rewards, batch.response_mask)  # [B, L]
-        return Credit(advantages=masked_whiten(returns, batch.response_mask), returns=returns)
+        # Whitening subtracts the batch's mean return: that mean is the baseline, V̂ of every state.
+        baseline = masked_mean(returns, batch.response_mask)
+        return Credit(advantages=masked_whiten(returns, batch.response_mask), returns=returns,
+                      values=baseline * batch.response_mask)

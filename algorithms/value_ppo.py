@@ -5,6 +5,7 @@ The VinePPO paper's baseline: λ = γ = 1, value clipping 0.2."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import gin
 import torch
@@ -14,6 +15,7 @@ from rlzoo import distributed
 from rlzoo.algorithms import ESTIMATORS, Credit, Estimator
 from rlzoo.errors import UserError
 from rlzoo.ppo import PPOConfig, masked_mean, minibatch_indices, value_loss
+from rlzoo.seeds import Salt, derive_seed
 
 
 class ValueModel(nn.Module):
@@ -72,6 +74,7 @@ class ValuePPO(Estimator):
     max_grad_norm: float = 1.0  # critic gradient clipping
     ranges = {**Estimator.ranges, "gamma": "in [0, 1]", "lam": "in [0, 1]", "value_clip": "> 0", "critic_lr": ">= 0",
               "critic_epochs": ">= 1", "critic_minibatches": ">= 1", "micro_batch_size": ">= 1", "max_grad_norm": "> 0"}
+    learned = True  # its credit is its critic, learned in training
 
     def __post_init__(self):
         super().__post_init__()
@@ -119,10 +122,41 @@ class ValuePPO(Estimator):
         return Credit(advantages=advantages, returns=returns, values=values,
                       stats={"explained_variance": explained_variance, "value_mean": masked_mean(values, mask).item()})
 
+    def load_learned(self, checkpoint: Path, ctx) -> None:
+        """The critic of a checkpoint of a ppo run: the checkpoint's policy body and the scalar head, as trained."""
+        from safetensors.torch import load_file
+
+        if not (checkpoint / "critic.safetensors").is_file():
+            raise UserError(f"{checkpoint} holds no critic.safetensors (DeepSpeed runs save critic.zero/, which cannot be "
+                            "read outside training); give a ppo run trained without --deepspeed")
+        critic = ValueModel(str(checkpoint / "policy"))
+        critic.load_state_dict(load_file(str(checkpoint / "critic.safetensors")))
+        self.critic = critic.to(ctx.device).eval()
+
+    @torch.no_grad()
+    def state_values(self, states, problems, prompt_lens, ctx, rewards) -> torch.Tensor:  # [N]
+        """The critic's V̂ of each state: its value at position len(state), the state before the token that would
+        follow (as it is trained). A finished response is valued just before its final token, where the critic is
+        trained to predict the reward (as the reference code asks the critic at the end of a step's text)."""
+        states = [s[:-1] if r is not None else s for s, r in zip(states, rewards)]
+        self.critic.eval()
+        out = []
+        for i in range(0, len(states), self.micro_batch_size):
+            part = states[i : i + self.micro_batch_size]
+            lengths = torch.tensor([len(s) for s in part])  # [b]
+            ids = torch.zeros(len(part), int(lengths.max()) + 1, dtype=torch.long)  # [b, W + 1]: one slot past the longest
+            mask = torch.zeros_like(ids)  # [b, W + 1]
+            for j, s in enumerate(part):
+                ids[j, : len(s)], mask[j, : len(s)] = torch.tensor(s), 1
+            values = self.critic(ids.to(ctx.device), mask.to(ctx.device)).float().cpu()  # [b, W + 1]: values[:, n] = V(ids[:, :n])
+            out.append(values[torch.arange(len(part)), lengths])
+        return torch.cat(out) if out else torch.zeros(0)
+
     def update_critic(self, batch, credit, ctx) -> dict[str, float]:
         """Clipped value loss, token-mean over each global minibatch; each rank runs its rows of it."""
         self.trainer.train()
-        generator = torch.Generator().manual_seed(ctx.seed * 1_000_003 + ctx.iteration * 7 + 1)
+        # The iteration strides by 7 here, not derive_seed's 10_007: the seed this critic has always drawn with.
+        generator = torch.Generator().manual_seed(derive_seed(ctx.seed, 0, Salt.CRITIC_MINIBATCHES + 7 * ctx.iteration))
         device, losses = ctx.device, []
         for rows in minibatch_indices(batch.size, self.critic_epochs, self.critic_minibatches, generator):
             n_tokens = batch.response_mask[rows].sum().clamp(min=1).to(device)  # of the global minibatch

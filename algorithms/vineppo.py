@@ -26,12 +26,8 @@ import torch
 from rlzoo.algorithms import ESTIMATORS, Credit, Estimator
 from rlzoo.engine import context_length
 from rlzoo.errors import UserError
-
-
-def step_advantages(step_values: list[float], final_reward: float) -> list[float]:
-    """A_t = V(s_{t+1}) - V(s_t) for steps t = 0..m-1, with V(s_m) = final reward."""
-    nxt = step_values[1:] + [final_reward]
-    return [b - a for a, b in zip(step_values, nxt)]
+from rlzoo.rollout import first_occurrences, step_advantages
+from rlzoo.seeds import Salt, substream
 
 
 @ESTIMATORS.register("vineppo")
@@ -44,6 +40,20 @@ class VinePPO(Estimator):
     continuation_budget: str = "remaining"  # MC continuation length: "remaining" response budget, or "reference": min(max_new_tokens, context - state)
     uses_rollouts: bool = True
     ranges = {**Estimator.ranges, "k": ">= 1", "max_valued_steps": ">= 0"}
+    report_options = ("k",)
+
+    def mc_params(self, ctx):
+        """The sampler of the MC continuations: the training one, K per state, its own noise (not the rollouts')."""
+        return replace(ctx.sampling, n=self.k, seed=substream(ctx.sampling.seed, Salt.MC))
+
+    def state_values(self, states, problems, prompt_lens, ctx, rewards) -> torch.Tensor:  # [N]
+        """V̂(s) = mean reward of K continuations; a finished response is worth its reward (every rollout from it returns it)."""
+        values = torch.tensor([r if r is not None else 0.0 for r in rewards], dtype=torch.float32)  # [N]
+        open_ = [i for i, r in enumerate(rewards) if r is None]
+        if open_:
+            values[open_] = ctx.values_by_rollouts([states[i] for i in open_], [problems[i] for i in open_],
+                                                   [prompt_lens[i] for i in open_], self.mc_params(ctx), purpose="mc")
+        return values
 
     def __post_init__(self):
         super().__post_init__()
@@ -59,7 +69,7 @@ class VinePPO(Estimator):
                 problems.append(batch.problems[b])
                 prompt_lens.append(int(batch.prompt_lens[b]))
                 where.append((b, t))
-        mc_params = replace(ctx.sampling, n=self.k, seed=ctx.sampling.seed + 7919)  # not the policy rollouts' noise
+        mc_params = self.mc_params(ctx)
         budgets = None  # what is left of each response's budget (values_by_rollouts' default)
         if self.continuation_budget == "reference":
             context = context_length(ctx.policy) if ctx.policy is not None else None
@@ -82,5 +92,5 @@ class VinePPO(Estimator):
                 token_values[b, start:end] = v
         advantages *= batch.response_mask
         return Credit(advantages=advantages, values=token_values * batch.response_mask,
-                      stats={"mc_states": len(states), "mc_unique_states": len({tuple(s) for s in states}),
+                      stats={"mc_states": len(states), "mc_unique_states": len(first_occurrences(states)),
                              "mc_value_mean": sum(values) / max(len(values), 1)})

@@ -1,27 +1,29 @@
 """Credit audit: how accurately each strategy assigns credit, measured against Monte-Carlo ground truth.
 
-    rlzoo audit --algos ppo,vineppo,grpo,rloo --task arith [--policy MODEL_OR_RUN] [--critic RUN]
+    rlzoo audit --algos A,B,... --task arith [--policy MODEL_OR_RUN] [--critic RUN] [--set NAME.OPTION=VALUE]
 
-The VinePPO paper's analysis of credit itself (Kazemnejad et al. 2024), for any policy and task:
+The VinePPO paper's analysis of credit itself (Kazemnejad et al. 2024), for any policy, task and registered
+strategy. The audit knows no strategy by name: it reads what each one declares through the estimator contract
+(``rlzoo.algorithms``); its options (say the number of Monte-Carlo continuations) are gin bindings, as in training.
 
 1. Responses: G samples per held-out problem (the first ``problems`` of the test split; G the largest
-   group size among the strategies, 8 as configured for all) at the training sampler (``train.temperature`` / ``train.top_p``: 0.6 / 0.9). Every step boundary of every response is a
-   state s_t = prompt + its first t steps (``build_batch`` / ``step_token_starts``, the task's splitter).
+   group size among the strategies) at the training sampler (``train.temperature`` / ``train.top_p``: 0.6 / 0.9).
+   Every step boundary of every response is a state s_t = prompt + its first t steps (``build_batch`` /
+   ``step_token_starts``, the task's splitter).
 2. Truth: V(s) = mean reward of ``truth_samples`` continuations (256), from ``values_by_rollouts``
    (identical states rolled out once, prefixes shared in the engine). Standard error sqrt(p(1-p)/(n-1)):
    exact for 0/1 rewards, an upper bound for rewards in [0, 1].
-3. Each strategy's credit for the same responses, from its own estimator (``estimator.advantages``):
-   ``ppo`` the critic's V(s) (a ppo run's critic, or one fit here by ``rlzoo.train`` with the policy frozen);
-   ``vineppo`` its K-sample MC estimate (its own seed, independent of the truth's); group baselines
-   (``grpo``, ``dr_grpo``: group mean; ``rloo``: leave-one-out mean; ``reinforce``: 0) one value per
-   response, the same for every state of it.
+3. Each strategy's credit for the same responses, from its own estimator (``estimator.advantages``): its
+   ``Credit.values`` (V̂ of the state before each token: a critic's prediction, a Monte-Carlo estimate with the
+   strategy's own seed, or a group baseline, the same for every state of a response) and the advantages it
+   trains with. A strategy that is ``learned`` (a critic) is loaded from a checkpoint of one of its runs
+   (``--critic RUN``), or from a run trained here by ``rlzoo.train`` with the policy frozen.
 4. Alternatives: from every distinct state, ``alternatives`` continuations at the training sampler, each
    cut at its first step boundary past the state: the distinct results are that state's alternative next
    states (as the reference code, ``action_ranking_analyzer.py``, dedupes next actions). A continuation
-   that ends the response within that step gives a finished response: worth its reward R to the truth and
-   to Monte-Carlo estimates (every rollout from it returns R); ``ppo`` values it by the critic just before
-   its final token (where the critic is trained to predict R), as the reference code asks the critic at
-   the end of the step's text; group baselines value every state, finished or not, by their baseline.
+   that ends the response within that step gives a finished response, worth its reward R to the truth.
+   A strategy values alternatives by ``estimator.state_values`` (told which are finished, and their reward);
+   one that has none (a group baseline) values every alternative of a state by the state's own value.
 
 Metrics, each with a 95% confidence interval from a percentile bootstrap over problems (clusters: the
 states of one problem are correlated; 2000 resamples):
@@ -29,14 +31,13 @@ states of one problem are correlated; 2000 resamples):
   index t along the chain;
 - sign agreement: per step, does the strategy's advantage have the true advantage's sign? A strategy's
   step advantage is the mean over the step's tokens of the per-token advantage it trains with (before the
-  loop's optional whitening): ppo GAE(γ, λ) on its critic, vineppo V̂(s_{t+1}) - V̂(s_t), grpo
-  (R - mean) / (std + ε), rloo R - leave-one-out mean. True: A_t = V(s_{t+1}) - V(s_t), last step
-  R - V(s_last). Steps whose true advantage is 0 are skipped; a predicted 0 scores 0.5;
+  loop's optional whitening). True: A_t = V(s_{t+1}) - V(s_t), last step R - V(s_last). Steps whose true
+  advantage is 0 are skipped; a predicted 0 scores 0.5;
 - ranking accuracy: for every pair of a state's alternative next states, is the order of the strategy's
   values the truth's? Pairs tied in truth are skipped; a tie in prediction scores 0.5 (so a strategy that
   cannot tell states apart scores exactly 0.5). The reference code counts every tie as wrong instead;
 - compute each strategy spent on the responses' credit: tokens generated, forward tokens (token positions
-  run through a model: prefill + decode for MC, the whole sequence for the critic), forward passes
+  run through a model: prefill + decode for rollouts, the unpadded rows for a critic), forward passes
   (sequences: continuations sampled, or critic rows), seconds.
 """
 
@@ -56,48 +57,26 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from rlzoo import runs
-from rlzoo.algorithms import ESTIMATORS, build_estimator
-from rlzoo.algorithms.grpo import group_mean_std
-from rlzoo.algorithms.vineppo import step_advantages
+from rlzoo import reporting, runs
+from rlzoo.reporting import bootstrap_ci, ci_text  # noqa: F401  bootstrap_ci: the audit's intervals
+from rlzoo.algorithms import ESTIMATORS, Estimator, build_estimator
 from rlzoo.engine import SamplingParams
 from rlzoo.errors import UserError
-from rlzoo.rollout import EstimatorContext, RolloutBatch, build_batch, step_token_starts
+from rlzoo.rollout import EstimatorContext, RolloutBatch, build_batch, first_occurrences, step_advantages, step_token_starts
+from rlzoo.seeds import Salt, derive_seed
 from rlzoo.tasks import Problem, Task
 
-CONFIDENCE = 0.95
+CONFIDENCE = reporting.CONFIDENCE
 MC_CHUNK = 64  # distinct states per Monte-Carlo engine call: bounds the completions held in memory at once
 PLOTS = ("mae_by_step", "ranking_accuracy")
 
 
-def group_mean(scores: torch.Tensor, group_ids: torch.Tensor) -> torch.Tensor:  # [B] -> [B]
-    return group_mean_std(scores, group_ids)[0]
-
-
-def leave_one_out_mean(scores: torch.Tensor, group_ids: torch.Tensor) -> torch.Tensor:  # [B] -> [B]
-    """Mean reward of the other responses of the prompt; a response alone is its own baseline (advantage 0)."""
-    mean, _, size = group_mean_std(scores, group_ids)
-    return torch.where(size > 1, (mean * size - scores) / (size - 1).clamp(min=1), scores)
-
-
-# The value each group-baseline strategy implies for every state of a response: its baseline.
-BASELINES = {
-    "grpo": group_mean,
-    "dr_grpo": group_mean,
-    "rloo": leave_one_out_mean,
-    "reinforce": lambda scores, group_ids: torch.zeros_like(scores),
-}
-STATE_VALUED = ("ppo", "vineppo")  # strategies that value each state: a critic, Monte-Carlo
-AUDITABLE = STATE_VALUED + tuple(BASELINES)
-
-
 @dataclass
 class AuditConfig:
-    algos: tuple[str, ...] = ("ppo", "vineppo", "grpo", "rloo")  # strategies whose credit is audited
+    algos: tuple[str, ...] = ()  # strategies whose credit is audited (registered estimator names)
     problems: int = 64  # held-out problems: the first N of the task's test split
     truth_samples: int = 256  # continuations per state for the ground-truth V(s) (the paper: 256)
     alternatives: int = 5  # next steps drawn from every state for the ranking metric
-    k: int | None = None  # VinePPO's continuations per state (None: vineppo.k as configured)
     temperature: float = 0.6  # sampler of responses, continuations and alternatives (the training one)
     top_p: float = 0.9  # its nucleus mass
     seed: int = 0  # every random draw of the audit derives from it
@@ -133,22 +112,6 @@ def pairwise_ranking(predicted, truth) -> list[float]:
     return scores
 
 
-def bootstrap_ci(scores, clusters, resamples: int = 2000, confidence: float = CONFIDENCE, seed: int = 0) -> dict:
-    """Mean of ``scores`` and its percentile-bootstrap interval, resampling whole clusters (problems) with
-    replacement. No interval (None) with fewer than 2 clusters."""
-    scores, clusters = np.asarray(scores, dtype=float), np.asarray(clusters)
-    if len(scores) == 0:
-        return {"mean": None, "ci": [None, None], "n": 0, "clusters": 0}
-    _, cluster = np.unique(clusters, return_inverse=True)
-    sums, counts = np.bincount(cluster, weights=scores), np.bincount(cluster)
-    ci = [None, None]
-    if len(sums) > 1:
-        picks = np.random.default_rng(seed).integers(0, len(sums), size=(resamples, len(sums)))  # [R, C]
-        means = sums[picks].sum(1) / counts[picks].sum(1)  # [R]
-        ci = [float(q) for q in np.quantile(means, [(1 - confidence) / 2, (1 + confidence) / 2])]
-    return {"mean": float(scores.mean()), "ci": ci, "n": int(len(scores)), "clusters": int(len(sums))}
-
-
 def binomial_se(values, n: int) -> np.ndarray:
     """Standard error of a mean of n rewards in [0, 1] with mean p: sqrt(p(1-p)/(n-1)) (exact for 0/1)."""
     p = np.asarray(values, dtype=float)
@@ -162,9 +125,7 @@ def mc_values(ctx: EstimatorContext, states: list[list[int]], problems: list[Pro
               params: SamplingParams, purpose: str, log=None) -> torch.Tensor:
     """``ctx.values_by_rollouts`` over the distinct states in chunks, each chunk with its own seed (the
     engine's random keys follow a request's position, so two calls with one seed would share noise). [N]."""
-    first: dict[tuple, int] = {}  # distinct state -> index of its first occurrence
-    for i, s in enumerate(states):
-        first.setdefault(tuple(s), i)
+    first = first_occurrences(states)  # distinct state -> index of its first occurrence
     distinct = list(first)
     values = torch.zeros(len(distinct))  # [U]
     started = time.perf_counter()
@@ -172,29 +133,44 @@ def mc_values(ctx: EstimatorContext, states: list[list[int]], problems: list[Pro
         owners = [first[s] for s in distinct[c : c + MC_CHUNK]]
         values[c : c + len(owners)] = ctx.values_by_rollouts(
             [states[i] for i in owners], [problems[i] for i in owners], [prompt_lens[i] for i in owners],
-            replace(params, seed=(params.seed * 1_000_003 + c) % (2**31 - 1)), purpose=purpose)
+            replace(params, seed=derive_seed(params.seed, 0, c)), purpose=purpose)  # the chunk's offset as its salt
         if log:
             log(f"{purpose}: {c + len(owners)}/{len(distinct)} states x {params.n} continuations, {time.perf_counter() - started:.0f}s")
     slot = {s: u for u, s in enumerate(distinct)}
     return values[torch.tensor([slot[tuple(s)] for s in states], dtype=torch.long)]
 
 
-@torch.no_grad()
-def critic_values(critic, states: list[list[int]], device, batch_size: int = 64) -> torch.Tensor:
-    """V(state) of each token prefix by a ``ValueModel``: its value at position len(state), the state before
-    the token that would follow (as the critic is trained). [N]."""
-    critic.eval()
-    out = []
-    for i in range(0, len(states), batch_size):
-        part = states[i : i + batch_size]
-        lengths = torch.tensor([len(s) for s in part])  # [b]
-        ids = torch.zeros(len(part), int(lengths.max()) + 1, dtype=torch.long)  # [b, W + 1]: one slot past the longest
-        mask = torch.zeros_like(ids)  # [b, W + 1]
-        for j, s in enumerate(part):
-            ids[j, : len(s)], mask[j, : len(s)] = torch.tensor(s), 1
-        values = critic(ids.to(device), mask.to(device)).float().cpu()  # [b, W + 1]: values[:, n] = V(ids[:, :n])
-        out.append(values[torch.arange(len(part)), lengths])
-    return torch.cat(out) if out else torch.zeros(0)
+class CountingEngine:
+    """The engine, counting the sequences it samples (an estimator's forward passes); everything else passes through."""
+
+    def __init__(self, engine):
+        self.engine, self.sequences = engine, 0
+
+    def generate(self, prompts, params, budgets=None):
+        self.sequences += len(prompts) * params.n
+        return self.engine.generate(prompts, params, budgets=budgets)
+
+    def __getattr__(self, name):
+        return getattr(self.engine, name)
+
+
+class RowMeter:
+    """Rows and unpadded token positions run through a module (a critic), counted by a forward pre-hook."""
+
+    def __init__(self, module):
+        self.rows = self.tokens = 0
+        self.handle = module.register_forward_pre_hook(self._count, with_kwargs=True) if isinstance(module, torch.nn.Module) else None
+
+    def _count(self, module, args, kwargs) -> None:
+        ids = kwargs.get("input_ids", args[0] if args else None)  # [b, L]
+        mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)  # [b, L]
+        if isinstance(ids, torch.Tensor):
+            self.rows += ids.shape[0]
+            self.tokens += int(mask.sum()) if isinstance(mask, torch.Tensor) else ids.numel()
+
+    def close(self) -> None:
+        if self.handle is not None:
+            self.handle.remove()
 
 
 def next_step(tokenizer, task: Task, state: list[int], prompt_len: int, continuation: list[int]) -> tuple[list[int], bool]:
@@ -239,41 +215,47 @@ def step_means(token_values: torch.Tensor, batch: RolloutBatch) -> list[list[flo
 # ----------------------------------------------------------------------------------- the audit
 
 
-def audit(policy, tokenizer, engine, task: Task, problems: list[Problem], cfg: AuditConfig, critic=None,
+def audit(policy, tokenizer, engine, task: Task, problems: list[Problem], cfg: AuditConfig,
+          estimators: dict[str, Estimator] | None = None, checkpoints: dict[str, Path] | None = None,
           device: torch.device = torch.device("cpu"), log=None) -> dict:
     """Measure each strategy's credit on responses to ``problems`` against Monte-Carlo truth (module doc).
-    ``critic``: the ValueModel that ``ppo`` predicts with. Returns the results (audit.json)."""
+    ``estimators``: by name (default: ``cfg.algos``, built as gin configures them); ``checkpoints``: the checkpoint
+    each ``learned`` one loads (``load_learned``). Returns the results (audit.json)."""
     log = log or (lambda message: None)
-    estimators = {a: build_estimator(a, **({"k": cfg.k} if a == "vineppo" and cfg.k else {})) for a in cfg.algos}
-    if "ppo" in estimators:
-        estimators["ppo"].critic = critic
+    estimators = estimators if estimators is not None else {a: build_estimator(a) for a in cfg.algos}
+    checkpoints = checkpoints or {}
     group = max(e.group_size for e in estimators.values())  # responses per problem, shared by every strategy
     sampler = SamplingParams(n=group, temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=task.max_new_tokens, stop=task.stop)
-    seed = lambda salt: (cfg.seed * 1_000_003 + salt * 10_007) % (2**31 - 1)  # noqa: E731  one seed per purpose
-    ctx = EstimatorContext(policy=policy, tokenizer=tokenizer, engine=engine, task=task, sampling=replace(sampler, seed=seed(2)),
-                           model_path="", device=device, seed=cfg.seed)
+    seed = lambda salt: derive_seed(cfg.seed, 0, salt)  # noqa: E731  one seed per purpose
+    counted = CountingEngine(engine)
+    ctx = EstimatorContext(policy=policy, tokenizer=tokenizer, engine=counted, task=task,
+                           sampling=replace(sampler, seed=seed(Salt.AUDIT_ESTIMATORS)), model_path="", device=device, seed=cfg.seed)
+    for name, estimator in estimators.items():
+        if estimator.learned:
+            if name not in checkpoints:
+                raise UserError(f"{name!r} credits with what it learned in training: give a checkpoint of one of its runs")
+            estimator.load_learned(checkpoints[name], ctx)
 
     # 1. Responses; every step boundary of every response is a state (row b, step t, tokens).
     prompt_ids = [tokenizer(task.prompt(p), add_special_tokens=True)["input_ids"] for p in problems]
-    completions = engine.generate(prompt_ids, replace(sampler, seed=seed(1)))  # [P][G]
+    completions = engine.generate(prompt_ids, replace(sampler, seed=seed(Salt.AUDIT_RESPONSES)))  # [P][G]
     scores = task.score([p for p, g in zip(problems, completions) for _ in g], [c.text for g in completions for c in g])
     batch = build_batch(tokenizer, task, problems, prompt_ids, completions, scores)
     rows = [b for b in range(batch.size) for _ in batch.step_starts[b]]  # [S]
     steps = [t for b in range(batch.size) for t in range(len(batch.step_starts[b]))]  # [S]
-    states = [batch.input_ids[b, : batch.step_starts[b][t]].tolist() for b, t in zip(rows, steps)]  # [S]
+    positions = [batch.step_starts[b][t] for b, t in zip(rows, steps)]  # [S] token position of each state's next token
+    states = [batch.input_ids[b, :p].tolist() for b, p in zip(rows, positions)]  # [S]
     state_problems = [batch.problems[b] for b in rows]
     state_prompt_lens = [int(batch.prompt_lens[b]) for b in rows]
     clusters = batch.group_ids[rows].numpy()  # [S] problem of each state
+    distinct_states = first_occurrences(states)
     log(f"{batch.size} responses to {len(problems)} problems (mean reward {batch.scores.mean():.3f}), "
-        f"{len(states)} states ({len({tuple(s) for s in states})} distinct)")
+        f"{len(states)} states ({len(distinct_states)} distinct)")
 
     # 2. Alternatives: from every distinct state, cfg.alternatives continuations cut after one step.
-    first_of: dict[tuple, int] = {}
-    for i, s in enumerate(states):
-        first_of.setdefault(tuple(s), i)
-    sources = list(first_of.values())  # index of each distinct state's first occurrence
+    sources = list(distinct_states.values())  # index of each distinct state's first occurrence
     alt_source, alt_tokens, alt_finished = draw_alternatives(engine, tokenizer, task, states, state_prompt_lens, sources,
-                                                             replace(sampler, n=cfg.alternatives, seed=seed(4)))
+                                                             replace(sampler, n=cfg.alternatives, seed=seed(Salt.AUDIT_ALTERNATIVES)))
     alt_problems = [state_problems[i] for i in alt_source]
     alt_prompt_lens = [state_prompt_lens[i] for i in alt_source]
     ends = [a for a, f in enumerate(alt_finished) if f]  # finished responses: their value is their reward
@@ -288,8 +270,8 @@ def audit(policy, tokenizer, engine, task: Task, problems: list[Problem], cfg: A
     forward_before, t0 = engine.stats.forward_tokens, time.perf_counter()
     truth_all = mc_values(ctx, states + [alt_tokens[a] for a in opened], state_problems + [alt_problems[a] for a in opened],
                           state_prompt_lens + [alt_prompt_lens[a] for a in opened],
-                          replace(sampler, n=cfg.truth_samples, seed=seed(3)), purpose="truth", log=log).numpy()
-    distinct_truth = len({tuple(s) for s in states} | {tuple(alt_tokens[a]) for a in opened})
+                          replace(sampler, n=cfg.truth_samples, seed=seed(Salt.AUDIT_TRUTH)), purpose="truth", log=log).numpy()
+    distinct_truth = len(first_occurrences(states + [alt_tokens[a] for a in opened]))
     truth_compute = {"tokens_generated": int(ctx.tokens["truth"]), "forward_tokens": int(engine.stats.forward_tokens - forward_before),
                      "forward_passes": distinct_truth * cfg.truth_samples, "seconds": time.perf_counter() - t0}
     truth = truth_all[: len(states)]  # [S]
@@ -302,34 +284,29 @@ def audit(policy, tokenizer, engine, task: Task, problems: list[Problem], cfg: A
                                for b in range(batch.size)])  # [S]
 
     # 4. Each strategy's credit for the responses (what it would train with), and its values of the alternatives.
+    #    Its own draws for the alternatives get their own seed: not the noise of its credit for the responses.
+    values_ctx = replace(ctx, seed=seed(Salt.AUDIT_STATE_VALUES), sampling=replace(sampler, seed=seed(Salt.AUDIT_STATE_VALUES)))
+    alt_rewards = [float(alt_reward[a]) if f else None for a, f in enumerate(alt_finished)]
     results = {}
     for name, estimator in estimators.items():
-        tokens_before, forward_before, t0 = dict(ctx.tokens), engine.stats.forward_tokens, time.perf_counter()
+        tokens_before, forward_before, sequences_before = sum(ctx.tokens.values()), engine.stats.forward_tokens, counted.sequences
+        meter = RowMeter(estimator.critic)
+        t0 = time.perf_counter()
         credit = estimator.advantages(batch, ctx)
         seconds = time.perf_counter() - t0
+        meter.close()
+        if credit.values is None:
+            raise UserError(f"cannot audit {name!r}: its Credit carries no values (V̂ of the state before each token)")
+        compute = {"tokens_generated": int(sum(ctx.tokens.values()) - tokens_before),
+                   "forward_tokens": int(engine.stats.forward_tokens - forward_before) + meter.tokens,
+                   "forward_passes": counted.sequences - sequences_before + meter.rows, "seconds": seconds}
         adv = np.array([a for row in step_means(credit.advantages.cpu(), batch) for a in row])  # [S] per step
-        if name in BASELINES:
-            values = BASELINES[name](batch.scores, batch.group_ids)[rows].numpy()  # [S]
-            alt_values = values[alt_source]  # the source response's baseline, finished or not
-            compute = {"tokens_generated": 0, "forward_tokens": 0, "forward_passes": 0}
-        else:
-            positions = [batch.step_starts[b][t] for b, t in zip(rows, steps)]
-            values = credit.values.cpu()[rows, positions].numpy()  # [S] V̂(s_t)
-            alt_values = alt_reward.copy()  # [A]
-            open_states = [alt_tokens[a] for a in opened]
-            if name == "ppo":
-                alt_values[opened] = critic_values(critic, open_states, device).numpy()
-                alt_values[ends] = critic_values(critic, [alt_tokens[a][:-1] for a in ends], device).numpy()
-                compute = {"tokens_generated": 0, "forward_tokens": int(batch.attention_mask.sum()), "forward_passes": batch.size}
-            else:
-                compute = {"tokens_generated": int(ctx.tokens["mc"] - tokens_before.get("mc", 0)),
-                           "forward_tokens": int(engine.stats.forward_tokens - forward_before),
-                           "forward_passes": int(credit.stats["mc_unique_states"]) * estimator.k}
-                alt_values[opened] = mc_values(ctx, open_states, [alt_problems[a] for a in opened], [alt_prompt_lens[a] for a in opened],
-                                               replace(sampler, n=estimator.k, seed=seed(5)), purpose="mc_ranking").numpy()
-        results[name] = {"values": values, "advantages": adv, "alt_values": alt_values, "compute": compute | {"seconds": seconds}}
-        if name == "vineppo":
-            results[name]["k"] = estimator.k
+        values = credit.values.cpu()[rows, positions].numpy()  # [S] V̂(s_t)
+        alt_values = estimator.state_values(alt_tokens, alt_problems, alt_prompt_lens, values_ctx, alt_rewards)
+        # None: it values a state only through its response, so every alternative of a state gets the state's value
+        alt_values = values[alt_source] if alt_values is None else alt_values.cpu().numpy()  # [A]
+        options = {f: getattr(estimator, f) for f in estimator.report_options}
+        results[name] = {"values": values, "advantages": adv, "alt_values": alt_values, "compute": compute, "options": options}
         log(f"{name}: credit in {seconds:.1f}s")
 
     # 5. Metrics with bootstrap intervals over problems.
@@ -353,14 +330,15 @@ def audit(policy, tokenizer, engine, task: Task, problems: list[Problem], cfg: A
             "sign_agreement": ci(signs, clusters[kept]),
             "ranking_accuracy": ci(pair_scores, pair_clusters),
             "compute": r["compute"],
-        } | ({"k": r["k"]} if "k" in r else {})
+            "options": r["options"],
+        }
     steps_arr = np.array(steps)
     pairs = sum(len(pairwise_ranking(alt_truth[a], alt_truth[a])) for a in pair_sources)  # pairs not tied in truth
     return {
         "task": task.name,
-        "settings": asdict(cfg) | {"algos": list(cfg.algos), "group_size": group, "max_new_tokens": task.max_new_tokens},
+        "settings": asdict(cfg) | {"algos": list(estimators), "group_size": group, "max_new_tokens": task.max_new_tokens},
         "responses": {"problems": len(problems), "responses": batch.size, "mean_reward": float(batch.scores.mean()),
-                      "states": len(states), "distinct_states": len({tuple(s) for s in states}),
+                      "states": len(states), "distinct_states": len(distinct_states),
                       "mean_steps": len(states) / batch.size, "truncated": sum(r == "length" for r in batch.finish_reasons)},
         "truth": {"samples": cfg.truth_samples, "mean_se": float(truth_se.mean()), "max_se": float(truth_se.max()),
                   "mean_se_by_step": {str(t): float(truth_se[steps_arr == t].mean()) for t in sorted(set(steps))},
@@ -441,46 +419,34 @@ def portable_command(command: str, out: Path) -> str:
     return shlex.join(shown)
 
 
-def critic_checkpoint(run_dir: Path, task: str) -> Path:
-    """The latest checkpoint of a ``ppo`` run on ``task`` that holds a critic (critic.safetensors)."""
+def learned_checkpoint(run_dir: Path, task: str, learned: list[str]) -> tuple[str, Path]:
+    """(strategy, latest checkpoint) of ``run_dir``, a run on ``task`` of one of the ``learned`` strategies audited."""
     from rlzoo.train import latest_checkpoint
 
     info = runs.read_run(run_dir)
     if not info:
-        raise UserError(f"--critic {run_dir} is not a run folder (no run.json); give a folder written by `rlzoo train --algo ppo`")
-    if info.get("algo") != "ppo":
-        raise UserError(f"--critic {run_dir} is a {info.get('algo')!r} run, which has no critic; give a ppo run folder")
+        raise UserError(f"--critic {run_dir} is not a run folder (no run.json); give a folder written by `rlzoo train`")
+    if info.get("algo") not in learned:
+        wanted = f"a run of {' or '.join(learned)}" if learned else "no run: no strategy audited learns one"
+        raise UserError(f"--critic {run_dir} is a {info.get('algo')!r} run, which has no critic to audit; give {wanted}")
     if info.get("task") != task:
         raise UserError(f"--critic {run_dir} is a run on task {info.get('task')!r}, not {task!r}; "
-                        f"pass --task {info.get('task')} or a ppo run on {task}")
+                        f"pass --task {info.get('task')} or a {info.get('algo')} run on {task}")
     checkpoint = latest_checkpoint(run_dir)
-    if checkpoint is None or not (checkpoint / "critic.safetensors").is_file():
-        raise UserError(f"--critic {run_dir} has no checkpoint with critic.safetensors (DeepSpeed runs save critic.zero/, "
-                        "which the audit cannot read); give a ppo run trained without --deepspeed")
-    return checkpoint
+    if checkpoint is None:
+        raise UserError(f"--critic {run_dir} has no checkpoint yet; resume or finish it first")
+    return info["algo"], checkpoint
 
 
-def load_critic(checkpoint: Path, device):
-    """The ValueModel of a ppo checkpoint: the policy's body and the scalar head, as trained."""
-    from safetensors.torch import load_file
-
-    from rlzoo.algorithms.value_ppo import ValueModel
-
-    critic = ValueModel(str(checkpoint / "policy"))
-    critic.load_state_dict(load_file(str(checkpoint / "critic.safetensors")))
-    return critic.to(device).eval()
-
-
-def train_critic(model: str, task: str, iterations: int, run_dir: Path, seed: int) -> Path:
-    """Fit a critic by the real training loop (``rlzoo.train``, algo ppo) for ``iterations`` into ``run_dir``,
-    with the policy's learning rate at 0: the policy audited is exactly ``model``, and the critic's target
-    does not move under it (the value network's most favourable case). Evaluation is cut to one problem.
-    Re-running resumes or reuses the run."""
+def train_learned(algo: str, model: str, task: str, iterations: int, run_dir: Path, seed: int) -> Path:
+    """Fit what ``algo`` learns (its critic) by the real training loop (``rlzoo.train``) for ``iterations`` into ``run_dir``,
+    with the policy's learning rate at 0: the policy audited is exactly ``model``, and the critic's target does not move
+    under it (the value network's most favourable case). Evaluation is cut to one problem. Re-running resumes or reuses it."""
     from rlzoo.train import TrainConfig, train
 
-    cfg = TrainConfig(algo="ppo", task=task, model=model, seed=seed, iterations=iterations, max_episodes=0, max_seconds=0.0, lr=0.0,
+    cfg = TrainConfig(algo=algo, task=task, model=model, seed=seed, iterations=iterations, max_episodes=0, max_seconds=0.0, lr=0.0,
                       eval_every=iterations + 1, eval_samples=1, eval_train_problems=1, eval_test_problems=1, checkpoint_every=iterations)
-    train(run_dir, cfg, command=f"rlzoo audit: critic for ppo, {iterations} iterations, policy frozen")
+    train(run_dir, cfg, command=f"rlzoo audit: critic for {algo}, {iterations} iterations, policy frozen")
     if runs.read_run(run_dir).get("status") != "finished":
         raise UserError(f"critic training in {run_dir} stopped before its {iterations} iterations; run the same command to resume it")
     return run_dir
@@ -491,35 +457,33 @@ def train_critic(model: str, task: str, iterations: int, run_dir: Path, seed: in
 
 def run_audit(task_name: str, out: Path, cfg: AuditConfig, policy: str | None = None, critic: Path | None = None,
               critic_iterations: int = 20, command: str = "") -> dict:
-    """``rlzoo audit``: check the inputs, get a critic for ``ppo`` (``critic``'s, or one trained here for
-    ``critic_iterations``), audit the policy on the task's held-out problems, and write the report into ``out``.
-    ``policy`` defaults to the critic run's policy when ``critic`` is given, else the built-in default."""
+    """``rlzoo audit``: check the inputs, get what each ``learned`` strategy needs (``critic``'s checkpoint for its
+    strategy, or a run trained here for ``critic_iterations``), audit the policy on the task's held-out problems, and
+    write the report into ``out``. ``policy`` defaults to the critic run's policy when ``critic`` is given, else the
+    built-in default."""
     import gin
 
     from rlzoo.engine import ENGINES
-    from rlzoo.leaderboard import provenance
     from rlzoo.policy import check_model, load_policy
     from rlzoo.tasks import get_task
     from rlzoo.train import TrainConfig
 
-    for name in cfg.algos:
-        ESTIMATORS.get(name)  # an unknown name lists the known ones
-        if name not in AUDITABLE:
-            raise UserError(f"cannot audit {name!r}: it implies no value of a state to compare; auditable: {', '.join(AUDITABLE)}")
     if not cfg.algos:
-        raise UserError(f"--algos is empty; give strategies to audit, e.g. {','.join(AuditConfig.algos)}")
+        raise UserError(f"--algos is empty; give strategies to audit, e.g. {','.join(ESTIMATORS.names()[:4])}")
+    estimators = {name: build_estimator(name) for name in cfg.algos}  # an unknown name lists the known ones
     if cfg.alternatives < 2:
         raise UserError(f"--alternatives {cfg.alternatives}: the ranking metric compares pairs of next steps; give at least 2 (default 5)")
     if cfg.truth_samples < 2:
         raise UserError(f"--truth-samples {cfg.truth_samples}: the ground truth needs at least 2 continuations per state (default 256)")
     if cfg.problems < 1:
         raise UserError(f"--problems {cfg.problems}: audit at least 1 problem")
-    if cfg.k is not None and cfg.k < 1:
-        raise UserError(f"--k {cfg.k}: VinePPO needs at least 1 continuation per state")
     task = get_task(task_name)
-    if "ppo" in cfg.algos and critic is None and critic_iterations < 1:
-        raise UserError("ppo's credit needs a critic: pass --critic RUN (a ppo run folder) or --critic-iterations N > 0 to train one")
-    checkpoint = critic_checkpoint(Path(critic), task_name) if critic is not None else None
+    learned = [name for name, e in estimators.items() if e.learned]
+    checkpoints = dict([learned_checkpoint(Path(critic), task_name, learned)]) if critic is not None else {}
+    untrained = [name for name in learned if name not in checkpoints]
+    if untrained and critic_iterations < 1:
+        raise UserError(f"{', '.join(untrained)}'s credit needs a critic: pass --critic RUN (a run of it) or --critic-iterations N > 0 "
+                        "to train one")
     model = policy_to_load(policy or (str(critic) if critic is not None else "default"), task_name)
     check_model(model)
     train_cfg = TrainConfig()  # the training sampler and engine as configured (gin)
@@ -528,18 +492,20 @@ def run_audit(task_name: str, out: Path, cfg: AuditConfig, policy: str | None = 
     out = Path(out)
     runs.check_out_dir(out)
     out.mkdir(parents=True, exist_ok=True)
-    critic_info = None
-    if "ppo" in cfg.algos:
-        if checkpoint is None:
-            run_dir = out / f"critic-ppo-{critic_iterations}it"
-            log(f"training a critic for ppo: {critic_iterations} iterations of `rlzoo train --algo ppo` (policy frozen) into {run_dir}")
-            checkpoint = critic_checkpoint(train_critic(model, task_name, critic_iterations, run_dir, cfg.seed), task_name)
-        run_dir = checkpoint.parent.parent
+    critics = {}
+    for name in learned:
+        trained_here = name not in checkpoints
+        if trained_here:
+            run_dir = out / f"critic-{name}-{critic_iterations}it"
+            log(f"training a critic for {name}: {critic_iterations} iterations of `rlzoo train --algo {name}` (policy frozen) into {run_dir}")
+            checkpoints[name] = learned_checkpoint(train_learned(name, model, task_name, critic_iterations, run_dir, cfg.seed),
+                                                   task_name, [name])[1]
+        run_dir = checkpoints[name].parent.parent
         trains = [r for r in runs.read_jsonl(run_dir / "metrics.jsonl") if r.get("kind") == "train"]
-        critic_info = {"checkpoint": shown_path(str(checkpoint), out), "trained_here": critic is None,
-                       "iterations": runs.read_run(run_dir).get("budget", {}).get("iterations"),
-                       # what the critic cost PPO in training: its update, per iteration (inference is in compute)
-                       "update_seconds_per_iteration": float(np.mean([r.get("time/critic", np.nan) for r in trains])) if trains else None}
+        critics[name] = {"checkpoint": shown_path(str(checkpoints[name]), out), "trained_here": trained_here,
+                         "iterations": runs.read_run(run_dir).get("budget", {}).get("iterations"),
+                         # what the critic cost in training: its update, per iteration (inference is in compute)
+                         "update_seconds_per_iteration": float(np.mean([r.get("time/critic", np.nan) for r in trains])) if trains else None}
 
     cfg = replace(cfg, temperature=train_cfg.temperature, top_p=train_cfg.top_p)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -548,14 +514,14 @@ def run_audit(task_name: str, out: Path, cfg: AuditConfig, policy: str | None = 
     split = "test" if "test" in task.splits else task.eval_splits[0]
     problems = task.problems(split)[: cfg.problems]
     started = time.perf_counter()
-    result = audit(policy_model, tokenizer, engine, task, problems, cfg,
-                   critic=load_critic(checkpoint, device) if checkpoint is not None else None, device=device, log=log)
+    result = audit(policy_model, tokenizer, engine, task, problems, cfg, estimators=estimators, checkpoints=checkpoints,
+                   device=device, log=log)
     # Paths as seen from `out`: a report records no machine's folder names (leaderboard_sections rebases them).
     given = policy or (str(critic) if critic is not None else "default")
     result |= {"policy": shown_path(given, out), "policy_is_path": given != "default" and Path(given).expanduser().exists(),
                "policy_loaded": shown_path(model, out), "split": split,
-               "critic": critic_info, "seconds": time.perf_counter() - started, "config": gin.config_str(),
-               "provenance": provenance(portable_command(command, out))}
+               "critics": critics, "seconds": time.perf_counter() - started, "config": gin.config_str(),
+               "provenance": reporting.provenance(portable_command(command, out))}
     write_report(result, out)
     log(f"wrote {out}/audit.json, audit.md and plots ({', '.join(PLOTS)}) in {result['seconds']:.0f}s")
     if (out.parent / "index.html").is_file():
@@ -566,11 +532,10 @@ def run_audit(task_name: str, out: Path, cfg: AuditConfig, policy: str | None = 
 # ------------------------------------------------------------------------------------------ report
 
 
-def _ci_text(m: dict, digits: int = 3) -> str:
-    if m["mean"] is None:
-        return "–"
-    lo, hi = m["ci"]
-    return f"{m['mean']:.{digits}f}" + (f" [{lo:.{digits}f}, {hi:.{digits}f}]" if lo is not None else "")
+def strategy_label(name: str, s: dict) -> str:
+    """A strategy as the tables name it: with the options it reports (its ``report_options``), "name (k=9)"."""
+    options = s.get("options") or ({"k": s["k"]} if "k" in s else {})  # "k": an audit.json from before options
+    return f"{name} ({', '.join(f'{k}={v}' for k, v in options.items())})" if options else name
 
 
 def tables(result: dict) -> list[tuple[str, str, list[str], list[list[str]]]]:
@@ -583,8 +548,7 @@ def tables(result: dict) -> list[tuple[str, str, list[str], list[list[str]]]]:
                     f"{c['tokens_generated']:,}", f"{c['forward_tokens']:,}", f"{c['forward_passes']:,}", f"{c['seconds']:.1f}"])
     for name, s in strategies.items():
         c = s["compute"]
-        label = f"{name} (K={s['k']})" if "k" in s else name
-        summary.append([label, _ci_text(s["value_mae"]), _ci_text(s["sign_agreement"]), _ci_text(s["ranking_accuracy"]),
+        summary.append([strategy_label(name, s), ci_text(s["value_mae"]), ci_text(s["sign_agreement"]), ci_text(s["ranking_accuracy"]),
                         f"{c['tokens_generated']:,}", f"{c['forward_tokens']:,}", f"{c['forward_passes']:,}", f"{c['seconds']:.1f}"])
     r, ranking = result["responses"], result["ranking"]
     note = (f"{r['responses']} responses to {r['problems']} held-out problems (mean reward {r['mean_reward']:.3f}), "
@@ -597,20 +561,10 @@ def tables(result: dict) -> list[tuple[str, str, list[str], list[list[str]]]]:
     for t in steps:
         first = next(iter(strategies.values()))["mae_by_step"][t] if strategies else {"n": 0}
         by_step.append([t, str(first["n"]), f"{truth['mean_se_by_step'][t]:.3f}",
-                        *[_ci_text(s["mae_by_step"][t]) for s in strategies.values()]])
+                        *[ci_text(s["mae_by_step"][t]) for s in strategies.values()]])
     by_step_note = "Value MAE by step index t (the state after t steps; t = 0 is the prompt alone)."
     return [("Credit accuracy against Monte-Carlo truth", note, summary[0], summary[1:]),
             ("Value MAE by step position", by_step_note, by_step[0], by_step[1:])]
-
-
-def _md_table(header: list[str], rows: list[list[str]]) -> str:
-    return "\n".join(["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in rows])
-
-
-def _html_table(header: list[str], rows: list[list[str]]) -> str:
-    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in rows)
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
 DEFINITIONS = (
@@ -625,9 +579,7 @@ DEFINITIONS = (
 def markdown_section(result: dict, plot_prefix: str = "", level: int = 2) -> str:
     """The audit's tables, plots and definitions as Markdown; plots linked under ``plot_prefix``."""
     h = "#" * level
-    lines = []
-    for title, note, header, rows in tables(result):
-        lines += [f"{h} {title}", "", note, "", _md_table(header, rows), ""]
+    lines = reporting.md_tables(tables(result), level)
     lines += [f"{h} Plots", ""] + [f"![{p}]({plot_prefix}{p}.png) ([SVG]({plot_prefix}{p}.svg))" for p in PLOTS] + [""]
     lines += [DEFINITIONS, ""]
     return "\n".join(lines)
@@ -639,8 +591,15 @@ def _policy_from_parent(result: dict, audit_dir: Path) -> str:
     return os.path.normpath(os.path.join(Path(audit_dir).name, policy)) if result.get("policy_is_path") else policy
 
 
-def leaderboard_sections(audit_dir: Path) -> tuple[str, str]:
-    """(Markdown, HTML) sections of the audit in ``audit_dir`` (a subfolder "audit" of the leaderboard folder)."""
+def leaderboard_sections(board: Path) -> list[tuple[str, str]]:
+    """The (Markdown, HTML) section of the audit that ``rlzoo audit`` writes by default into the leaderboard folder
+    ``board`` (BOARD/audit/), for ``write_leaderboard(sections=...)``; none if there is no audit there."""
+    audit_dir = Path(board) / "audit"
+    return [leaderboard_section(audit_dir)] if (audit_dir / "audit.json").is_file() else []
+
+
+def leaderboard_section(audit_dir: Path) -> tuple[str, str]:
+    """(Markdown, HTML) section of the audit in ``audit_dir`` (a subfolder "audit" of the leaderboard folder)."""
     result = json.loads((Path(audit_dir) / "audit.json").read_text())
     title = f"Credit audit — {result['task']}, policy {_policy_from_parent(result, audit_dir)}"
     return f"## {title}\n\n" + markdown_section(result, plot_prefix=f"{Path(audit_dir).name}/", level=3), html_section(audit_dir)
@@ -651,8 +610,7 @@ def html_section(audit_dir: Path) -> str:
     audit_dir = Path(audit_dir)
     result = json.loads((audit_dir / "audit.json").read_text())
     parts = [f"<h2>Credit audit — {html.escape(result['task'])}, policy {html.escape(_policy_from_parent(result, audit_dir))}</h2>"]
-    for title, note, header, rows in tables(result):
-        parts += [f"<h3>{html.escape(title)}</h3>", f"<p>{html.escape(note)}</p>", _html_table(header, rows)]
+    parts += reporting.html_tables(tables(result), level=3)
     for p in PLOTS:
         if (audit_dir / f"{p}.png").is_file():
             data = base64.b64encode((audit_dir / f"{p}.png").read_bytes()).decode()
@@ -722,16 +680,15 @@ def write_report(result: dict, out: Path) -> None:
     """audit.json, audit.md and the plots (PNG + SVG) in ``out``; paths in ``result`` are relative to ``out``."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "audit.json").write_text(json.dumps(result, indent=1, default=float) + "\n")
+    (out / "audit.json").write_text(json.dumps(reporting.jsonable(result), indent=1) + "\n")
     make_plots(result, out)
     s = result["settings"]
     header = [f"# Credit audit — {result['task']}", "",
               f"Policy `{result.get('policy')}`; strategies {', '.join(s['algos'])}; {s['problems']} problems x {s['group_size']} "
               f"responses at T={s['temperature']}, top-p {s['top_p']}; {s['truth_samples']} truth samples per state; "
               f"{s['alternatives']} alternatives per state; seed {s['seed']}.", ""]
-    if result.get("critic"):
-        c = result["critic"]
-        line = f"ppo's critic: `{c['checkpoint']}`"
+    for name, c in (result.get("critics") or {}).items():
+        line = f"{name}'s critic: `{c['checkpoint']}`"
         line += f" (trained here, {c['iterations']} iterations, policy frozen)" if c["trained_here"] else ""
         if c.get("update_seconds_per_iteration"):
             line += f"; its updates cost {c['update_seconds_per_iteration']:.1f}s per training iteration"

@@ -218,7 +218,7 @@ def make_plan(algos: str | list[str], task: str, model: str = "default", seeds: 
             raise UserError(f"config file {p} not found; pass a gin file, e.g. --config benchmarks/quick.gin")
     for b in bindings:
         if "=" not in b:
-            raise UserError(f"bad --set {b!r}; expected binding=value, e.g. --set ppo.learning_rate=1e-5")
+            raise UserError(f"bad --set {b!r}; expected binding=value, e.g. --set train.lr=1e-5")
     canonical_budget = parse_budget(budget)
     if model != "default" and Path(model).expanduser().exists():
         model = str(Path(model).expanduser().resolve())
@@ -737,14 +737,17 @@ def _run_bench_locked(plan: BenchPlan, out: Path, jobs: int, leaderboard: Path |
 
 
 def _write_leaderboard(states: list[RunState], out: Path, command: str, notes: list[str], console, tuning: dict | None = None) -> Path | None:
-    from rlzoo.leaderboard import load_run, write_leaderboard
+    from rlzoo.audit import leaderboard_sections
+    from rlzoo.leaderboard import write_leaderboard
+    from rlzoo.runs import load_run
 
     runs = [load_run(st.run.run_dir) for st in states if (st.run.run_dir / "run.json").exists()]
     if not runs:
         console.print("no run started: no leaderboard")
         return None
     try:
-        write_leaderboard(runs, out, command=command, notes=notes, tuning=tuning)
+        # An audit written into the leaderboard folder (`rlzoo audit --out OUT/leaderboard/audit`) joins its page.
+        write_leaderboard(runs, out, command=command, notes=notes, tuning=tuning, sections=leaderboard_sections(out))
     except UserError as e:
         console.print(f"no leaderboard: {e}")
         return None

@@ -71,10 +71,11 @@ def train(
     from rlzoo.runs import read_run
 
     if read_run(run_dir).get("status") != "finished":
-        distributed.is_main() and print(f"rlzoo: interrupted; checkpoint saved in {run_dir}; run the same command to resume",
-                                        file=sys.stderr)
+        if distributed.is_main():
+            print(f"rlzoo: interrupted; checkpoint saved in {run_dir}; run the same command to resume", file=sys.stderr)
         raise typer.Exit(130)
-    distributed.is_main() and print(f"rlzoo: run folder {run_dir}")
+    if distributed.is_main():
+        print(f"rlzoo: run folder {run_dir}")
 
 
 @app.command()
@@ -223,8 +224,9 @@ def leaderboard_(
     metric: str = typer.Option("pass@1", help="accuracy metric of the eval records (pass@1, maj@16, ...)"),
 ) -> None:
     """Aggregate run folders of one task: accuracy with CIs, generalization, speed, cost, plots, one HTML page."""
-    from rlzoo.leaderboard import find_runs, leaderboard_command, write_leaderboard
-    from rlzoo.runs import check_out_dir
+    from rlzoo.audit import leaderboard_sections
+    from rlzoo.leaderboard import leaderboard_command, write_leaderboard
+    from rlzoo.runs import check_out_dir, find_runs
 
     check_out_dir(out)
     found = find_runs(runs)
@@ -232,7 +234,8 @@ def leaderboard_(
     if baseline is not None and baseline not in algos:  # named on purpose: a typo must not pass as "no baseline runs"
         raise UserError(f"--baseline {baseline!r}: no run of that strategy among the runs; they ran {', '.join(algos)}")
     baseline = baseline or "ppo"
-    res = write_leaderboard(found, out, command=leaderboard_command(runs, out, baseline, metric), baseline=baseline, metric=metric)
+    res = write_leaderboard(found, out, command=leaderboard_command(runs, out, baseline, metric), baseline=baseline, metric=metric,
+                            sections=leaderboard_sections(out))  # `rlzoo audit` writes OUT/audit/ by default
     print(res["verdict"].replace("**", ""))
     print(f"rlzoo: leaderboard of {len(res['runs'])} runs in {out}/ (README.md, index.html)")
 
@@ -243,24 +246,24 @@ def audit(
     task: str = typer.Option("arith", help="task name (see `rlzoo list`); its test split is held out"),
     policy: str = typer.Option(None, help="model folder, hub id, 'default', or a run folder (its latest checkpoint); "
                                "default: the --critic run's policy, else 'default'"),
-    critic: Path = typer.Option(None, help="a ppo run folder: ppo's credit is its latest checkpoint's critic"),
-    critic_iterations: int = typer.Option(20, help="without --critic: train ppo's critic for N iterations (policy frozen) into OUT/"),
+    critic: Path = typer.Option(None, help="a run folder of an audited strategy that learns a critic (e.g. ppo): its latest checkpoint's"),
+    critic_iterations: int = typer.Option(20, help="without --critic: train such a strategy's critic for N iterations (policy frozen) into OUT/"),
     problems: int = typer.Option(64, help="held-out problems (the first N of the test split)"),
     truth_samples: int = typer.Option(256, help="continuations per state for the Monte-Carlo ground truth"),
     alternatives: int = typer.Option(5, help="next steps drawn from every state for the ranking metric (at least 2)"),
-    k: int = typer.Option(None, help="VinePPO's continuations per state (default: vineppo.k as configured)"),
     out: Path = typer.Option(Path("leaderboard/audit"), help="output folder: audit.json, audit.md, plots"),
     seed: int = typer.Option(0, help="every random draw of the audit derives from it"),
     config: list[str] = typer.Option([], help="gin config file(s), e.g. benchmarks/quick.gin (sampler, K, group size, critic training)"),
-    set_: list[str] = typer.Option([], "--set", help="gin binding, e.g. vineppo.k=9 (repeatable)"),
+    set_: list[str] = typer.Option([], "--set", help="gin binding, e.g. vineppo.k=9 (a strategy's options; repeatable)"),
 ) -> None:
-    """Audit credit assignment: each strategy's values and advantages against Monte-Carlo ground truth."""
+    """Audit credit assignment: each strategy's values and advantages against Monte-Carlo ground truth.
+    A strategy's options are its gin bindings, as in training: --set vineppo.k=9 (VinePPO's continuations per state)."""
     from rlzoo.audit import AuditConfig, run_audit
     from rlzoo.config import apply_gin
 
     apply_gin(config, set_)
     cfg = AuditConfig(algos=tuple(dict.fromkeys(a.strip() for a in algos.split(",") if a.strip())), problems=problems,
-                      truth_samples=truth_samples, alternatives=alternatives, k=k, seed=seed)
+                      truth_samples=truth_samples, alternatives=alternatives, seed=seed)
     run_audit(task, out, cfg, policy=policy, critic=critic, critic_iterations=critic_iterations,
               command=invoked_command())
     print(f"rlzoo: audit in {out}/ (audit.md, audit.json, plots)")
@@ -308,7 +311,8 @@ def _run(argv: list[str]) -> None:
         print(f"rlzoo: error: {(str(e).splitlines() or [''])[0]}", file=sys.stderr)
         sys.exit(2)
     except NO_ARGS_ERRORS as e:
-        e.ctx and print(e.ctx.get_help())
+        if e.ctx:
+            print(e.ctx.get_help())
         sys.exit(0)
     except USAGE_ERRORS as e:
         print(f"rlzoo: error: {e.format_message()}", file=sys.stderr)

@@ -46,23 +46,26 @@ import html
 import json
 import math
 import os
-import platform
 import re
 import shlex
-import subprocess
-from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 from scipy import stats
 
-import rlzoo
 from rlzoo.errors import UserError
-from rlzoo.runs import read_jsonl
-
-CONFIDENCE = 0.95
-ALPHA = 1 - CONFIDENCE
+from rlzoo.reporting import (  # noqa: F401  PROVENANCE_PACKAGES, provenance: read here by callers of old
+    ALPHA,
+    CONFIDENCE,
+    PROVENANCE_PACKAGES,
+    html_tables,
+    jsonable,
+    md_table,
+    md_tables,
+    mean_ci,
+    provenance,
+)
+from rlzoo.runs import Run, find_runs, load_run  # noqa: F401  the run folders a leaderboard reads (rlzoo.runs)
 N_MATCHED_LEVELS = 5  # train-accuracy levels in the generalization table
 GRID_POINTS = 400  # common time / iteration grid for mean curves
 PLOTS = ("acc_vs_time", "acc_vs_flops", "acc_vs_iterations", "test_vs_train", "kl_vs_acc")
@@ -70,108 +73,7 @@ STAGE_ORDER = ("generation", "reward", "mc", "logprobs", "critic", "advantages",
 
 
 # --------------------------------------------------------------------------------------------------
-# Reading run folders
-
-
-@dataclass
-class Run:
-    path: Path
-    info: dict  # run.json
-    evals: list[dict]  # eval records, in training order
-    trains: list[dict]  # train records, in training order
-
-    @property
-    def algo(self) -> str:
-        return self.info["algo"]
-
-    @property
-    def task(self) -> str:
-        return self.info["task"]
-
-    @property
-    def seed(self):
-        return self.info.get("seed")
-
-    @property
-    def status(self) -> str:
-        return self.info.get("status", "unknown")
-
-    @property
-    def name(self) -> str:
-        return f"{self.algo}-seed{self.seed}"
-
-
-def _run_dirs(root: Path) -> list[Path]:
-    """``root`` itself if it is a run folder, else every run folder below it (not descending into runs), except a
-    bench's tuning runs (``tune/`` beside its ``bench.json``): they trained on other settings and seeds than its
-    evaluation runs and would be ranked with them. Given as ``root`` (``OUT/tune``), they are read."""
-    if (root / "run.json").exists():
-        return [root]
-    found = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        if "run.json" in filenames:
-            found.append(Path(dirpath))
-            dirnames[:] = []
-        else:
-            if "bench.json" in filenames and "tune" in dirnames:
-                dirnames.remove("tune")
-            dirnames.sort()
-    return sorted(found)
-
-
-def load_run(path: Path) -> Run:
-    path = Path(path)
-    try:
-        info = json.loads((path / "run.json").read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise UserError(f"{path}/run.json cannot be read ({e}); a run folder is written by `rlzoo train`")
-    if not isinstance(info, dict) or not info.get("algo") or not info.get("task"):
-        raise UserError(f"{path}/run.json names no algo and task; a run folder is written by `rlzoo train`")
-    records = read_jsonl(path / "metrics.jsonl")
-    return Run(
-        path=path,
-        info=info,
-        evals=[r for r in records if r.get("kind") == "eval"],
-        trains=[r for r in records if r.get("kind") == "train"],
-    )
-
-
-def find_runs(paths: list[Path]) -> list[Run]:
-    """The runs in ``paths`` (run folders, or folders holding run folders at any depth), one task only."""
-    if not paths:
-        raise UserError("no runs given; pass run folders or folders that contain them")
-    dirs: dict[Path, None] = {}
-    for p in map(Path, paths):
-        if not p.is_dir():
-            what = "is not a folder" if p.exists() else "does not exist"
-            raise UserError(f"{p} {what}; pass run folders (with run.json) or folders that contain them")
-        found = _run_dirs(p)
-        if not found:
-            raise UserError(f"no run folders under {p}: a run folder holds run.json and metrics.jsonl from `rlzoo train`")
-        dirs.update((d.resolve(), None) for d in found)
-    runs = [load_run(d) for d in dirs]
-    tasks = sorted({r.task for r in runs})
-    if len(tasks) > 1:
-        where = "; ".join(f"{t}: {next(r.path for r in runs if r.task == t)}" for t in tasks)
-        raise UserError(f"runs from different tasks ({where}); a leaderboard compares runs of one task")
-    return runs
-
-
-# --------------------------------------------------------------------------------------------------
 # Statistics
-
-
-def mean_ci(values, confidence: float = CONFIDENCE) -> tuple[float, float, int]:
-    """(mean, half-width of the two-sided t confidence interval, n) of the finite values; half-width is
-    nan for fewer than two values."""
-    x = np.asarray([v for v in values if v is not None and np.isfinite(v)], dtype=float)
-    n = len(x)
-    if n == 0:
-        return math.nan, math.nan, 0
-    if n == 1:
-        return float(x[0]), math.nan, 1
-    sem = x.std(ddof=1) / math.sqrt(n)
-    return float(x.mean()), float(stats.t.ppf(0.5 + confidence / 2, n - 1) * sem), n
 
 
 def welch(a, b) -> tuple[float, float, float]:
@@ -668,18 +570,6 @@ def gains_table(res: dict) -> tuple[str, str, list[str], list[list[str]]]:
     return "Gains", note, hdr, rows
 
 
-def _md_table(header, rows) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(r) + " |" for r in rows]
-    return "\n".join(lines)
-
-
-def _html_table(header, rows) -> str:
-    th = "".join(f"<th>{html.escape(h)}</th>" for h in header)
-    trs = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in rows)
-    return f"<table><thead><tr>{th}</tr></thead><tbody>{trs}</tbody></table>"
-
-
 # --------------------------------------------------------------------------------------------------
 # Tuning sweeps (rlzoo bench --sweep)
 
@@ -850,68 +740,6 @@ def make_plots(res: dict, out: Path) -> list[str]:
 # Provenance and writing
 
 
-# Only torch is pinned at install; these are lower-bounded, so their installed versions are part of what made a
-# result (README, "Reproducibility and dependency versions"; benchmarks/constraints.txt pins them to reproduce it).
-PROVENANCE_PACKAGES = ("torch", "transformers", "tokenizers", "math-verify", "deepspeed", "datasets", "numpy", "scipy",
-                       "gin-config")
-
-
-def provenance(command: str) -> dict:
-    """Where and from what this leaderboard was made, including the installed versions of PROVENANCE_PACKAGES
-    (None for one that is not installed)."""
-    from importlib import metadata
-
-    src = Path(rlzoo.__file__).resolve().parent.parent
-
-    def installed(name):
-        try:
-            return metadata.version(name)
-        except metadata.PackageNotFoundError:
-            return None
-
-    def git(*args):
-        try:
-            return subprocess.run(["git", "-C", str(src), *args], capture_output=True, text=True, timeout=10).stdout.strip()
-        except (OSError, subprocess.TimeoutExpired):
-            return ""
-
-    commit = git("rev-parse", "HEAD")
-    if commit and git("status", "--porcelain", "--untracked-files=no"):
-        commit += " (with uncommitted changes)"
-    cpu = platform.processor() or platform.machine()
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    try:
-        mem_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    except (ValueError, OSError, AttributeError):
-        mem_gib = math.nan
-    return {
-        "command": command,
-        "git_commit": commit or "unknown (not a git checkout)",
-        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC"),
-        "machine": f"{os.cpu_count()} cores, {cpu}, {mem_gib:.0f} GiB RAM, {platform.system()} {platform.release()}",
-        "python": platform.python_version(),
-        "rlzoo_version": rlzoo.__version__,
-        **{name: installed(name) for name in PROVENANCE_PACKAGES},
-    }
-
-
-def _jsonable(x):
-    if isinstance(x, dict):
-        return {k: _jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
-    if isinstance(x, (np.floating, float)):
-        return float(x) if np.isfinite(x) else None
-    if isinstance(x, np.integer):
-        return int(x)
-    if isinstance(x, np.ndarray):
-        return _jsonable(x.tolist())
-    return x
-
-
 def _csv_rows(res: dict) -> tuple[list[str], list[list]]:
     levels = res["matched_train_levels"]
     header = ["strategy", "runs"]
@@ -953,9 +781,11 @@ def _csv_rows(res: dict) -> tuple[list[str], list[list]]:
 
 
 def write_leaderboard(runs: list[Run], out: Path, command: str = "", baseline: str = "ppo", metric: str = "pass@1",
-                      notes: list[str] | None = None, tuning: dict | None = None) -> dict:
+                      notes: list[str] | None = None, tuning: dict | None = None,
+                      sections: list[tuple[str, str]] = ()) -> dict:
     """Write README.md, results.csv, results.json, runs.csv, plots/*.png|svg and index.html into ``out``;
-    returns the results (as written to results.json)."""
+    returns the results (as written to results.json). ``sections``: further (Markdown, HTML) sections of the page,
+    after the plots (the credit audit's, as ``rlzoo.audit.leaderboard_sections`` makes them)."""
     res = summarize(runs, baseline=baseline, metric=metric)
     out = Path(out)
     # Run folders, models and the paths of run commands are written by their path from `out`, never by this machine's
@@ -985,26 +815,19 @@ def write_leaderboard(runs: list[Run], out: Path, command: str = "", baseline: s
         for r in res["runs"]:
             w.writerow([r[k] for k in run_keys] + [json.dumps(r["budget"])])
     public = {k: v for k, v in res.items() if not k.startswith("_")} | ({"tuning": tuning} if tuning else {})
-    (out / "results.json").write_text(json.dumps(_jsonable({**public, "provenance": prov, "notes": notes}), indent=2))
+    (out / "results.json").write_text(json.dumps(jsonable({**public, "provenance": prov, "notes": notes}), indent=2))
 
     title = f"rlzoo leaderboard — {res['task']}"
     prov_lines = [f"{k}: {v}" for k, v in prov.items()] + [f"note: {n}" for n in notes]
     md = [f"# {title}", "", res["verdict"], ""]
     if res["warnings"]:
         md += ["**Caveats**", ""] + [f"- {w}" for w in res["warnings"]] + [""]
-    for name, note, hdr, rows_ in tabs:
-        md += [f"## {name}", "", note, "", _md_table(hdr, rows_), ""]
+    md += md_tables(tabs)
     md += ["## Plots", ""]
     for p in plots:
         md += [f"![{p}](plots/{p}.png)", f"([SVG](plots/{p}.svg))", ""]
-    # `rlzoo audit` (rlzoo/audit.py) writes OUT/audit/ by default; its section joins the page when present.
-    audit_sections = None
-    if (out / "audit" / "audit.json").is_file():
-        from rlzoo.audit import leaderboard_sections
-
-        audit_sections = leaderboard_sections(out / "audit")
-        md += [audit_sections[0]]
-    md += ["## Runs", "", _md_table(["run", "strategy", "seed", "status"],
+    md += [section_md for section_md, _ in sections]
+    md += ["## Runs", "", md_table(["run", "strategy", "seed", "status"],
                                     [[r["path"], r["algo"], str(r["seed"]), r["status"]] for r in res["runs"]]), ""]
     md += ["## Provenance", "", "```", *prov_lines, "```", "", "Paths are relative to this folder.",
            "Files: `results.csv` (per strategy), `runs.csv` (per run), `results.json` (everything), `index.html` (this page, self-contained).", ""]
@@ -1016,9 +839,8 @@ def write_leaderboard(runs: list[Run], out: Path, command: str = "", baseline: s
     body = [f"<h1>{html.escape(title)}</h1>", f"<p>{_md_bold_to_html(res['verdict'])}</p>"]
     if res["warnings"]:
         body += ["<h3>Caveats</h3><ul>" + "".join(f"<li>{html.escape(w)}</li>" for w in res["warnings"]) + "</ul>"]
-    for name, note, hdr, rows_ in tabs:
-        body += [f"<h2>{html.escape(name)}</h2>", f"<p>{html.escape(note)}</p>", _html_table(hdr, rows_)]
-    body += ["<h2>Plots</h2>", imgs] + ([audit_sections[1]] if audit_sections else [])
+    body += html_tables(tabs)
+    body += ["<h2>Plots</h2>", imgs] + [section_html for _, section_html in sections]
     body += ["<h2>Provenance</h2>", f"<pre>{html.escape(chr(10).join(prov_lines))}</pre>"]
     style = ("body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}"
              "table{border-collapse:collapse;margin:0.5em 0 1.5em}td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}"

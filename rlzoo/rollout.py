@@ -144,23 +144,42 @@ def remaining_budgets(states: list[list[int]], prompt_lens: list[int], max_new_t
     return budgets if context is None else [min(b, context - len(s)) for b, s in zip(budgets, states)]
 
 
+def step_advantages(step_values: list[float], final_reward: float) -> list[float]:
+    """A_t = V(s_{t+1}) - V(s_t) for steps t = 0..m-1, with V(s_m) = final reward (reward only at the end, γ = 1)."""
+    nxt = step_values[1:] + [final_reward]
+    return [b - a for a, b in zip(step_values, nxt)]
+
+
+def first_occurrences(states: list[list[int]]) -> dict[tuple, int]:
+    """Each distinct state (as a tuple) -> the index of its first occurrence in ``states``, in order of first
+    appearance: what is rolled out or valued once for all its copies."""
+    first: dict[tuple, int] = {}
+    for i, s in enumerate(states):
+        first.setdefault(tuple(s), i)
+    return first
+
+
 class Stopwatch:
-    """Seconds spent per stage; ``with watch("generation"): ...`` adds to that stage."""
+    """Seconds spent per stage; ``with watch("generation"): ...`` adds to that stage. Spans nest: a span opened
+    inside another (an estimator's rollouts inside "advantages") takes its seconds out of the outer one, so every
+    second is counted once, in the innermost stage, whatever the stages are called."""
 
     def __init__(self):
         self.seconds: Counter = Counter()
+        self._open: list[list[float]] = []  # per open span: [start, seconds of the spans nested in it]
 
+    @contextlib.contextmanager
     def __call__(self, stage: str):
-        watch = self
-
-        class _Span:
-            def __enter__(self):
-                self.t0 = time.perf_counter()
-
-            def __exit__(self, *exc):
-                watch.seconds[stage] += time.perf_counter() - self.t0
-
-        return _Span()
+        span = [time.perf_counter(), 0.0]
+        self._open.append(span)
+        try:
+            yield
+        finally:
+            self._open.pop()
+            elapsed = time.perf_counter() - span[0]
+            self.seconds[stage] += elapsed - span[1]
+            if self._open:
+                self._open[-1][1] += elapsed
 
 
 @dataclass
@@ -222,9 +241,7 @@ class EstimatorContext:
             budgets = remaining_budgets(states, prompt_lens, params.max_new_tokens, context)
         with self.watch(purpose):
             forward_before = self.engine.stats.forward_tokens
-            unique: dict[tuple, int] = {}  # state -> index of its first occurrence
-            for i, s in enumerate(states):
-                unique.setdefault(tuple(s), i)
+            unique = first_occurrences(states)  # state -> index of its first occurrence
             keys = list(unique)
             mine = distributed.shard(len(keys))  # this rank's contiguous part of the distinct states
             completions = []  # [U_rank][n]

@@ -1,4 +1,5 @@
-"""The run folder: the only interface between ``rlzoo train``, ``rlzoo bench`` and ``rlzoo leaderboard``.
+"""The run folder: the only interface between ``rlzoo train``, ``rlzoo bench`` and ``rlzoo leaderboard``, its
+format, and reading it (``load_run``, ``find_runs``: what the leaderboard and the bench read).
 
 A run folder holds one training run (one strategy, one task, one seed)::
 
@@ -45,6 +46,7 @@ import contextlib
 import json
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 from rlzoo.errors import UserError
@@ -137,3 +139,90 @@ def write_run(run_dir: Path, info: dict) -> None:
     tmp = p.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(info, indent=2))
     os.replace(tmp, p)
+
+
+# ----------------------------------------------------------------------------- reading run folders
+
+
+@dataclass
+class Run:
+    path: Path
+    info: dict  # run.json
+    evals: list[dict]  # eval records, in training order
+    trains: list[dict]  # train records, in training order
+
+    @property
+    def algo(self) -> str:
+        return self.info["algo"]
+
+    @property
+    def task(self) -> str:
+        return self.info["task"]
+
+    @property
+    def seed(self):
+        return self.info.get("seed")
+
+    @property
+    def status(self) -> str:
+        return self.info.get("status", "unknown")
+
+    @property
+    def name(self) -> str:
+        return f"{self.algo}-seed{self.seed}"
+
+
+def _run_dirs(root: Path) -> list[Path]:
+    """``root`` itself if it is a run folder, else every run folder below it (not descending into runs), except a
+    bench's tuning runs (``tune/`` beside its ``bench.json``): they trained on other settings and seeds than its
+    evaluation runs and would be ranked with them. Given as ``root`` (``OUT/tune``), they are read."""
+    if (root / "run.json").exists():
+        return [root]
+    found = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        if "run.json" in filenames:
+            found.append(Path(dirpath))
+            dirnames[:] = []
+        else:
+            if "bench.json" in filenames and "tune" in dirnames:
+                dirnames.remove("tune")
+            dirnames.sort()
+    return sorted(found)
+
+
+def load_run(path: Path) -> Run:
+    path = Path(path)
+    try:
+        info = json.loads((path / "run.json").read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise UserError(f"{path}/run.json cannot be read ({e}); a run folder is written by `rlzoo train`")
+    if not isinstance(info, dict) or not info.get("algo") or not info.get("task"):
+        raise UserError(f"{path}/run.json names no algo and task; a run folder is written by `rlzoo train`")
+    records = read_jsonl(path / "metrics.jsonl")
+    return Run(
+        path=path,
+        info=info,
+        evals=[r for r in records if r.get("kind") == "eval"],
+        trains=[r for r in records if r.get("kind") == "train"],
+    )
+
+
+def find_runs(paths: list[Path]) -> list[Run]:
+    """The runs in ``paths`` (run folders, or folders holding run folders at any depth), one task only."""
+    if not paths:
+        raise UserError("no runs given; pass run folders or folders that contain them")
+    dirs: dict[Path, None] = {}
+    for p in map(Path, paths):
+        if not p.is_dir():
+            what = "is not a folder" if p.exists() else "does not exist"
+            raise UserError(f"{p} {what}; pass run folders (with run.json) or folders that contain them")
+        found = _run_dirs(p)
+        if not found:
+            raise UserError(f"no run folders under {p}: a run folder holds run.json and metrics.jsonl from `rlzoo train`")
+        dirs.update((d.resolve(), None) for d in found)
+    runs = [load_run(d) for d in dirs]
+    tasks = sorted({r.task for r in runs})
+    if len(tasks) > 1:
+        where = "; ".join(f"{t}: {next(r.path for r in runs if r.task == t)}" for t in tasks)
+        raise UserError(f"runs from different tasks ({where}); a leaderboard compares runs of one task")
+    return runs

@@ -2,6 +2,11 @@
 periodic evaluation → log and checkpoint. It never asks which strategy it runs: everything
 strategy-specific sits behind the estimator's declared needs and its one method.
 
+Read it in order: ``train`` checks everything and takes the run folder; ``_train_owned`` is setup, then the loop;
+``train_iteration(trainer, it)`` is one iteration, a function of the ``Trainer`` that ``build_trainer`` makes (so it
+runs alone, e.g. in a test); ``resume`` and ``write_run_start`` are the run-folder bookkeeping. Under data
+parallelism the ranks meet only at the places marked "ranks meet" (``sample_and_score``, ``logprobs_of``, ...).
+
 The run folder's format is documented in ``rlzoo.runs``; re-running the same command on the same
 folder resumes from its last checkpoint, and on CPU the finished run's metrics equal an
 uninterrupted run's (every random draw derives from (seed, iteration), and all state is saved).
@@ -18,8 +23,9 @@ import shutil
 import signal
 import sys
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import gin
 import torch
@@ -30,13 +36,14 @@ from rlzoo.engine import ENGINES, SamplingParams, context_length
 from rlzoo.errors import UserError, check_ranges
 from rlzoo.ppo import PPOConfig, batched_logprobs, kl_k1, kl_k3, masked_mean, masked_whiten, ppo_update
 from rlzoo.rollout import EstimatorContext, build_batch, remaining_budgets
+from rlzoo.seeds import Salt, derive_seed
 from rlzoo.tasks import PROMPT_TOKENIZATIONS, Problem, Task, encode_prompts, fit_to_context, get_task, tokenization_mismatch
 
 
 @gin.configurable("train")
 @dataclass
 class TrainConfig:
-    algo: str = "grpo"  # credit-assignment strategy (a registered estimator name)
+    algo: str = ""  # credit-assignment strategy: a registered estimator name (`rlzoo list`); `rlzoo train --algo` sets it
     task: str = "arith"  # a registered task name
     model: str = "default"  # HF hub id, local path, or "default" (the built-in arith policy)
     seed: int = 0  # every random draw of the run derives from it
@@ -81,11 +88,6 @@ class TrainConfig:
             raise UserError(f"train.lr_schedule = {self.lr_schedule!r}; expected 'constant', 'linear' or 'cosine'")
 
 
-def derive_seed(seed: int, iteration: int, salt: int) -> int:
-    """A distinct, reproducible seed for each (run seed, iteration, purpose)."""
-    return (seed * 1_000_003 + iteration * 10_007 + salt) % (2**31 - 1)
-
-
 def iteration_problems(problems: list[Problem], iteration: int, count: int, seed: int) -> list[Problem]:
     """The prompts of ``iteration``: consecutive slices of seeded permutations of the train split,
     one permutation per pass, so every strategy and a resumed run see the same prompts in the same order."""
@@ -95,7 +97,7 @@ def iteration_problems(problems: list[Problem], iteration: int, count: int, seed
     for k in range(iteration * count, (iteration + 1) * count):
         epoch, i = divmod(k, n)
         if epoch not in orders:
-            orders[epoch] = torch.randperm(n, generator=torch.Generator().manual_seed(derive_seed(seed, epoch, 17)))
+            orders[epoch] = torch.randperm(n, generator=torch.Generator().manual_seed(derive_seed(seed, epoch, Salt.PROMPT_ORDER)))
         out.append(problems[int(orders[epoch][i])])
     return out
 
@@ -254,6 +256,8 @@ def check_config(cfg: TrainConfig) -> tuple[PPOConfig, Task, Estimator]:
     strategy before its bench.json exists, so a bad binding never leaves a half-made run or bench."""
     from rlzoo.policy import check_model, check_model_for_task, pretrain_config
 
+    if not cfg.algo:
+        raise UserError("no strategy to train: pass --algo NAME (or bind train.algo); `rlzoo list` names them")
     ppo_cfg = PPOConfig()
     check_model(cfg.model)
     if cfg.model == "default":
@@ -279,7 +283,7 @@ def run_problems(cfg: TrainConfig, task: Task, fit=None) -> tuple[list[Problem],
             f" whose prompt fits the model's context with room for the response ({len(dropped_train)} dropped); "
             "lower train.max_new_tokens or set train.min_response_tokens" if dropped_train else ""))
     dropped = {"train": dropped_train}
-    subset_order = torch.randperm(len(train_problems), generator=torch.Generator().manual_seed(derive_seed(cfg.seed, 0, 23)))
+    subset_order = torch.randperm(len(train_problems), generator=torch.Generator().manual_seed(derive_seed(cfg.seed, 0, Salt.EVAL_SUBSET)))
     eval_sets = {"train": [train_problems[int(i)] for i in subset_order[: cfg.eval_train_problems]]}
     for split in cfg.eval_splits or task.eval_splits:
         problems, dropped[split] = fit(task.problems(split))
@@ -313,294 +317,410 @@ def train(run_dir: str | Path, cfg: TrainConfig | None = None, command: str = ""
     run_dir = Path(run_dir)
     runs.check_out_dir(run_dir, "run folder")
     ppo_cfg, task, estimator = check_config(cfg)
-    train_problems, eval_sets, _ = run_problems(cfg, task)
+    run_problems(cfg, task)  # reads (checks) the task's data before anything is built; fitted to the model later
     deepspeed_config = check_launch(cfg, ppo_cfg, estimator.group_size)
     device = distributed.init(cfg.device)  # joins the launcher's process group (torchrun / deepspeed), if any
     if deepspeed_config is not None:
         distributed.check_deepspeed_device(deepspeed_config, device, cfg.deepspeed_config)
     run_dir.mkdir(parents=True, exist_ok=True)
     with runs.owned(run_dir, distributed.is_main()):  # rank 0 writes the run folder, so it holds it
-        return _train_owned(run_dir, cfg, ppo_cfg, task, estimator, train_problems, eval_sets, deepspeed_config, device, command)
+        return _train_owned(run_dir, cfg, ppo_cfg, task, estimator, deepspeed_config, device, command)
+
+
+@dataclass
+class Trainer:
+    """What the loop builds once and every iteration reads: the run's settings, models, engine and estimator."""
+
+    cfg: TrainConfig
+    ppo_cfg: PPOConfig  # with the estimator's loss aggregation, if it has one
+    task: Task
+    estimator: Estimator
+    train_problems: list[Problem]  # the train split, fitted to the model's context
+    eval_sets: dict[str, list[Problem]]  # the train subset and each eval split, fitted likewise
+    task_fit: dict  # what run.json records of the fitting: problems dropped per split, prompt tokenization mismatch
+    context: int | None  # the model's context in tokens (None: unbounded)
+    policy: torch.nn.Module
+    reference: torch.nn.Module | None  # the frozen initial policy (None without a KL term)
+    tokenizer: Any
+    engine: Any
+    ctx: EstimatorContext
+    sampling: SamplingParams  # the training sampler (its seed is set per iteration)
+    device: torch.device
+    norm_tokens: int  # the loss normaliser of ppo_update
+    policy_params: int  # N of the FLOPs estimate, for the policy, its reference and its sampler
+    critic_params: int  # the same for a critic the estimator owns (0: none)
+    critic_meter: "TokenMeter | None"  # token positions run through that critic
+
+
+@dataclass
+class Progress:
+    """What the run has done so far; a checkpoint keeps it, a resume restores it."""
+
+    iteration: int = 0
+    episodes: int = 0
+    train_seconds: float = 0.0
+    tokens: dict = field(default_factory=dict)  # tokens generated by purpose, cumulative
+    flops: int = 0
 
 
 def _train_owned(run_dir: Path, cfg: TrainConfig, ppo_cfg: PPOConfig, task: Task, estimator: Estimator,
-                 train_problems: list[Problem], eval_sets: dict[str, list[Problem]], deepspeed_config: dict | None,
-                 device: torch.device, command: str) -> Path:
-    """``train``'s loop, in a run folder this process owns, with its config checked and its problems read."""
-    from rlzoo.evaluate import evaluate
-    from rlzoo.policy import load_policy
-
+                 deepspeed_config: dict | None, device: torch.device, command: str) -> Path:
+    """``train``'s loop, in a run folder this process owns, with its config checked: setup, then the loop."""
     main = distributed.is_main()  # rank 0 writes the run folder; every rank computes
     torch.manual_seed(cfg.seed)
+    identity, previous = check_identity(run_dir, cfg, ppo_cfg)
+    if previous.get("status") == "finished":
+        if main:
+            print(f"rlzoo: {run_dir} is finished; nothing to do")
+        return run_dir
+    trainer = build_trainer(cfg, ppo_cfg, task, estimator, deepspeed_config, device)
+    eval_sets = trainer.eval_sets
+    progress = resume(run_dir, trainer, deepspeed_config)
+    if main:
+        write_run_start(run_dir, identity | trainer.task_fit, cfg, command, previous)
+    distributed.barrier()  # no rank reads the run folder while rank 0 rewrites it
+    log = MetricsLog(run_dir, progress) if main else None
+    # One sampling seed for every evaluation of the run (and, with the same run seed, of every strategy):
+    # with the same problems too, an unchanged policy scores the same, so a curve moves by learning alone.
+    eval_seed = derive_seed(cfg.seed, 0, Salt.EVAL)
 
+    def checkpoint_now() -> None:
+        save_checkpoint(run_dir, asdict(progress), trainer.ctx.trained, trainer.tokenizer, estimator, cfg.keep_checkpoints)
+
+    try:
+        with Interrupt() as interrupt:
+            while True:
+                if progress.iteration % cfg.eval_every == 0 or not budget_left(cfg, progress):
+                    record = run_eval(trainer, eval_sets, eval_seed)
+                    if log:
+                        log(record)
+                # ranks meet: a signal to any rank stops all
+                stop = distributed.all_reduce(float(interrupt.requested), "max") > 0
+                if not budget_left(cfg, progress) or stop:
+                    break
+                record = train_iteration(trainer, progress.iteration)
+                progress.iteration += 1
+                progress.episodes += record.pop("episodes")
+                progress.train_seconds += record["time/iteration"]
+                progress.tokens = dict(trainer.ctx.tokens)
+                progress.flops += sum(v for k, v in record.items() if k.startswith("flops/"))
+                if log:
+                    log(record)
+                if progress.iteration % cfg.checkpoint_every == 0:
+                    checkpoint_now()
+            checkpoint_now()
+            finished = not budget_left(cfg, progress)
+    except FloatingPointError as e:
+        if main:
+            runs.write_run(run_dir, runs.read_run(run_dir) | {"status": "failed", "error": str(e)})
+        kept = latest_checkpoint(run_dir)
+        where = f"the last good checkpoint, {kept}, is intact" if kept else "no checkpoint had been saved yet"
+        raise UserError(f"{e} (stopped at iteration {progress.iteration}; {where})") from None
+    finally:
+        if log:
+            log.close()
+    if main:
+        runs.write_run(run_dir, runs.read_run(run_dir) | {"status": "finished" if finished else "running"})
+    distributed.barrier()  # the CLI reads run.json on every rank
+    return run_dir
+
+
+# ----------------------------------------------------------------------------- setup and bookkeeping
+
+
+def check_identity(run_dir: Path, cfg: TrainConfig, ppo_cfg: PPOConfig) -> tuple[dict, dict]:
+    """(identity, run.json as found): what run.json says of this run, checked equal on every rank and against a
+    run already in the folder (a resume must be the same run)."""
     identity = {"algo": cfg.algo, "task": cfg.task, "model": cfg.model, "seed": cfg.seed, "config": asdict(cfg) | {"ppo": asdict(ppo_cfg)}}
     identity = json.loads(json.dumps(identity))  # as run.json holds it (tuples become lists), so a resume compares equal
+    # ranks meet: every rank must run the same config
     if len(set(distributed.gather_objects(json.dumps(identity, sort_keys=True)))) > 1:
         raise UserError("the processes of this launch were given different configs; launch every rank with the same command")
     previous = runs.read_run(run_dir)
     if previous and any(previous.get(k) != v for k, v in identity.items()):
         raise UserError(f"{run_dir} holds another run ({previous.get('algo')}, {previous.get('task')}, seed "
                         f"{previous.get('seed')}) or another config; pick a fresh --out or delete it")
-    if previous.get("status") == "finished":
-        main and print(f"rlzoo: {run_dir} is finished; nothing to do")
-        return run_dir
+    return identity, previous
 
-    # Policy, frozen reference, engine. The reference is the *initial* policy, also on resume.
+
+def build_trainer(cfg: TrainConfig, ppo_cfg: PPOConfig, task: Task, estimator: Estimator,
+                  deepspeed_config: dict | None, device: torch.device) -> Trainer:
+    """The policy, its frozen reference (the *initial* policy, also on resume), the engine, the task's problems
+    fitted to the model, the estimator's context, the policy made trainable (one process, DDP or DeepSpeed, as
+    launched) and the estimator set up."""
+    from rlzoo.policy import load_policy
+
     policy, tokenizer = load_policy(cfg.model, device=device)
-    policy_params = parameter_count(policy)  # N of the FLOPs estimate, for the policy, its reference and its sampler
-    model_path = policy.config._name_or_path
+    policy_params = parameter_count(policy)
     use_ref = ppo_cfg.kl_mode != "none" and ppo_cfg.kl_coef > 0
     reference = copy.deepcopy(policy).eval().requires_grad_(False) if use_ref else None
     engine = ENGINES.get(cfg.engine)(policy, tokenizer, max_batch_size=cfg.engine_batch_size)
 
     max_new_tokens = cfg.max_new_tokens or task.max_new_tokens
-    # The task for this model: problems whose prompt leaves too little room for a response are dropped now, never
-    # a failure mid-run (the count goes to run.json and the leaderboard); and whether its prompts tokenize alone as
-    # they do at the start of prompt + target (a model fine-tuned on joint text would see unfamiliar splits).
-    context = context_length(policy)
+    context, task_fit = context_length(policy), {}
+    train_problems, eval_sets, task_fit["dropped_problems"] = fit_task(cfg, task, tokenizer, context, max_new_tokens)
+    task_fit["prompt_tokenization_mismatch"] = check_prompt_tokenization(cfg, task, tokenizer, train_problems)
+    sampling = SamplingParams(n=estimator.group_size, temperature=cfg.temperature, top_p=cfg.top_p,
+                              max_new_tokens=max_new_tokens, stop=task.stop)
+    ctx = EstimatorContext(policy=policy, tokenizer=tokenizer, engine=engine, task=task, sampling=sampling,
+                           model_path=policy.config._name_or_path, device=device, seed=cfg.seed,
+                           deepspeed_config=deepspeed_config, batch_rows=cfg.prompts_per_iteration * estimator.group_size)
+    # The policy trains through DDP or DeepSpeed when launched so (ctx.prepare); the engine samples from `policy` itself.
+    total_steps = cfg.iterations * ppo_cfg.epochs * ppo_cfg.minibatches
+    ctx.prepare("policy", policy, lr=cfg.lr, betas=tuple(cfg.adam_betas), weight_decay=cfg.weight_decay,
+                max_grad_norm=ppo_cfg.max_grad_norm, micro_batch_size=ppo_cfg.micro_batch_size, lr_lambda=lr_lambda(cfg, total_steps))
+    estimator.setup(ctx)
+    critic = estimator.critic
+    # A critic the estimator owns is metered wherever it runs (its forward in `advantages`, its update in `critic`).
+    return Trainer(cfg=cfg, ppo_cfg=replace(ppo_cfg, loss_agg=estimator.loss_agg or ppo_cfg.loss_agg), task=task,
+                   estimator=estimator, train_problems=train_problems, eval_sets=eval_sets, task_fit=task_fit,
+                   context=context, policy=policy, reference=reference, tokenizer=tokenizer,
+                   engine=engine, ctx=ctx, sampling=sampling, device=device,
+                   norm_tokens=ppo_cfg.loss_norm_tokens or max_new_tokens, policy_params=policy_params,
+                   critic_params=parameter_count(critic) if critic is not None else 0,
+                   critic_meter=TokenMeter(critic) if critic is not None else None)
+
+
+def fit_task(cfg: TrainConfig, task: Task, tokenizer, context: int | None, max_new_tokens: int):
+    """The task for this model: problems whose prompt leaves too little room for a response are dropped now, never
+    a failure mid-run. Returns the train problems, the eval sets and the count dropped per split (for run.json and
+    the leaderboard)."""
     train_problems, eval_sets, dropped = run_problems(cfg, task, lambda problems: fit_to_context(
         tokenizer, task, problems, context, max_new_tokens, cfg.min_response_tokens, cfg.prompt_tokenization))
-    dropped_counts = {split: len(ids) for split, ids in dropped.items()}
-    if main and any(dropped_counts.values()):
+    counts = {split: len(ids) for split, ids in dropped.items()}
+    if distributed.is_main() and any(counts.values()):
         print(f"rlzoo: dropped problems whose prompt leaves less than {cfg.min_response_tokens or max_new_tokens} tokens "
               f"of the model's {context}-token context for the response: "
-              + ", ".join(f"{split} {n} of {len(task.problems(split))}" for split, n in dropped_counts.items() if n))
+              + ", ".join(f"{split} {n} of {len(task.problems(split))}" for split, n in counts.items() if n))
+    return train_problems, eval_sets, counts
+
+
+def check_prompt_tokenization(cfg: TrainConfig, task: Task, tokenizer, train_problems: list[Problem]) -> dict:
+    """Whether the task's prompts tokenize (as ``train.prompt_tokenization`` says) as they do at the start of prompt +
+    SFT target: a model fine-tuned on jointly tokenized text would see unfamiliar splits. Warns; returns the measure."""
     mismatch = tokenization_mismatch(tokenizer, task, train_problems)
-    if main and mismatch[cfg.prompt_tokenization] > 0:
+    if distributed.is_main() and mismatch[cfg.prompt_tokenization] > 0:
         other = "joint" if cfg.prompt_tokenization == "alone" else "alone"
         print(f"rlzoo: warning: {mismatch[cfg.prompt_tokenization]:.0%} of {mismatch['sampled']} {task.name} train prompts "
               f"tokenize ({cfg.prompt_tokenization}) differently from the start of prompt + SFT target"
               + (f" (alone {mismatch['example'][0]} vs joint {mismatch['example'][1]})" if "example" in mismatch else "")
               + f": a model fine-tuned on jointly tokenized text sees unfamiliar prompt tokens; train.prompt_tokenization = "
               f"{other!r} mismatches {mismatch[other]:.0%}")
-    norm_tokens = ppo_cfg.loss_norm_tokens or max_new_tokens
-    sampling = SamplingParams(n=estimator.group_size, temperature=cfg.temperature, top_p=cfg.top_p,
-                              max_new_tokens=max_new_tokens, stop=task.stop)
-    ctx = EstimatorContext(policy=policy, tokenizer=tokenizer, engine=engine, task=task, sampling=sampling,
-                           model_path=model_path, device=device, seed=cfg.seed, deepspeed_config=deepspeed_config,
-                           batch_rows=cfg.prompts_per_iteration * estimator.group_size)
-    # The policy trains through DDP or DeepSpeed when launched so (ctx.prepare); the engine samples from `policy` itself.
-    total_steps = cfg.iterations * ppo_cfg.epochs * ppo_cfg.minibatches
-    trainer = ctx.prepare("policy", policy, lr=cfg.lr, betas=tuple(cfg.adam_betas), weight_decay=cfg.weight_decay,
-                          max_grad_norm=ppo_cfg.max_grad_norm, micro_batch_size=ppo_cfg.micro_batch_size,
-                          lr_lambda=lr_lambda(cfg, total_steps))
-    estimator.setup(ctx)
-    # A critic the estimator owns is metered wherever it runs (its forward in `advantages`, its update in `critic`).
-    critic_meter = TokenMeter(estimator.critic) if estimator.critic is not None else None
-    critic_params = parameter_count(estimator.critic) if estimator.critic is not None else 0
-    loss_agg = estimator.loss_agg or ppo_cfg.loss_agg
-    ppo_cfg = replace(ppo_cfg, loss_agg=loss_agg)
+    return mismatch
 
-    state = {"iteration": 0, "episodes": 0, "train_seconds": 0.0, "tokens": {}, "flops": 0}
+
+def resume(run_dir: Path, trainer: Trainer, deepspeed_config: dict | None) -> Progress:
+    """The progress to start from: a fresh run's, or the latest checkpoint's with every trained module (weights,
+    optimizer, schedule), the estimator and the token counters restored, and metrics.jsonl cut back to what that
+    checkpoint had seen (replaced whole: a kill mid-write must not cut records the checkpoint had logged)."""
+    main = distributed.is_main()
     checkpoint = latest_checkpoint(run_dir)
-    if checkpoint is not None:
-        saved = runs.load_torch_file(checkpoint / "state.pt")
-        if deepspeed_config is not None and saved.get("processes", 1) != distributed.world_size():
-            raise UserError(f"{checkpoint} was written by {saved.get('processes', 1)} process(es), each holding its part of "
-                            f"DeepSpeed's optimizer state; resume it with {saved.get('processes', 1)}, not {distributed.world_size()}")
-        for name, module in ctx.trained.items():  # weights, optimizer and schedule of the policy and any critic
-            module.load(checkpoint, name)
-        with ctx.sampling_weights():
-            engine.sync_weights(policy)
-        estimator.load_state_dict(saved["estimator"])
-        state = {k: saved.get(k, state[k]) for k in state}  # a checkpoint from before FLOPs were counted has none
-        ctx.tokens.update(state["tokens"])
-        lost = []  # train records the checkpoint had logged that metrics.jsonl no longer holds (cut or edited since)
-        if main:  # keep exactly what the checkpoint had seen: train records up to it, evals before it
-            kept = [r for r in runs.read_jsonl(run_dir / "metrics.jsonl")
-                    if r.get("iteration", -1) < state["iteration"]
-                    or (r.get("kind") == "train" and r.get("iteration") == state["iteration"])]
-            lost = sorted(set(range(1, state["iteration"] + 1)) - {r.get("iteration") for r in kept if r.get("kind") == "train"})
-        distributed.check(not lost, f"{run_dir / 'metrics.jsonl'} lacks the train records of iterations {lost[0]}..{lost[-1]} "
-                          f"that {checkpoint} had logged; resuming would leave a hole in its curves: restore the file, "
-                          f"or delete {run_dir} to start over" if lost else "")
-        if main:  # replaced whole: a kill mid-write must not cut records the checkpoint had logged
-            (run_dir / "metrics.jsonl.tmp").write_text("".join(json.dumps(r) + "\n" for r in kept))
-            os.replace(run_dir / "metrics.jsonl.tmp", run_dir / "metrics.jsonl")
-            print(f"rlzoo: resuming {run_dir} from iteration {state['iteration']}")
-    elif main:
-        (run_dir / "metrics.jsonl").write_text("")
+    if checkpoint is None:
+        if main:
+            (run_dir / "metrics.jsonl").write_text("")
+        return Progress()
+    saved = runs.load_torch_file(checkpoint / "state.pt")
+    if deepspeed_config is not None and saved.get("processes", 1) != distributed.world_size():
+        raise UserError(f"{checkpoint} was written by {saved.get('processes', 1)} process(es), each holding its part of "
+                        f"DeepSpeed's optimizer state; resume it with {saved.get('processes', 1)}, not {distributed.world_size()}")
+    ctx = trainer.ctx
+    for name, module in ctx.trained.items():  # weights, optimizer and schedule of the policy and any critic
+        module.load(checkpoint, name)
+    with ctx.sampling_weights():
+        trainer.engine.sync_weights(trainer.policy)
+    trainer.estimator.load_state_dict(saved["estimator"])
+    fresh = asdict(Progress())
+    progress = Progress(**{k: saved.get(k, v) for k, v in fresh.items()})  # a checkpoint from before FLOPs were counted has none
+    ctx.tokens.update(progress.tokens)
+    lost = []  # train records the checkpoint had logged that metrics.jsonl no longer holds (cut or edited since)
+    if main:  # keep exactly what the checkpoint had seen: train records up to it, evals before it
+        kept = [r for r in runs.read_jsonl(run_dir / "metrics.jsonl")
+                if r.get("iteration", -1) < progress.iteration
+                or (r.get("kind") == "train" and r.get("iteration") == progress.iteration)]
+        lost = sorted(set(range(1, progress.iteration + 1)) - {r.get("iteration") for r in kept if r.get("kind") == "train"})
+    # ranks meet: all stop if rank 0 found a hole
+    distributed.check(not lost, f"{run_dir / 'metrics.jsonl'} lacks the train records of iterations {lost[0]}..{lost[-1]} "
+                      f"that {checkpoint} had logged; resuming would leave a hole in its curves: restore the file, "
+                      f"or delete {run_dir} to start over" if lost else "")
     if main:
-        (run_dir / "config.gin").write_text(gin.operative_config_str() or gin.config_str())
-        runs.write_run(run_dir, identity | {"format": runs.FORMAT, "status": "running", "command": command,
-                                             "budget": {"iterations": cfg.iterations, "episodes": cfg.max_episodes, "seconds": cfg.max_seconds},
-                                             "rlzoo_version": __import__("rlzoo").__version__, "processes": distributed.world_size(),
-                                             "started": previous.get("started") or time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                                             "dropped_problems": dropped_counts, "prompt_tokenization_mismatch": mismatch})
-    distributed.barrier()  # no rank reads the run folder while rank 0 rewrites it
+        (run_dir / "metrics.jsonl.tmp").write_text("".join(json.dumps(r) + "\n" for r in kept))
+        os.replace(run_dir / "metrics.jsonl.tmp", run_dir / "metrics.jsonl")
+        print(f"rlzoo: resuming {run_dir} from iteration {progress.iteration}")
+    return progress
 
-    from torch.utils.tensorboard import SummaryWriter
 
-    tb = SummaryWriter(str(run_dir / "tb")) if main else None
-    def log(record: dict) -> None:
-        if not main:
-            return
-        record = {"kind": record.pop("kind"), "iteration": state["iteration"], "episodes": state["episodes"],
-                  "time/train_total": state["train_seconds"], "flops/total": state["flops"]} | record
-        runs.append_jsonl(run_dir / "metrics.jsonl", record)
+def write_run_start(run_dir: Path, identity: dict, cfg: TrainConfig, command: str, previous: dict) -> None:
+    """config.gin (the operative config) and run.json, marked running (rank 0)."""
+    (run_dir / "config.gin").write_text(gin.operative_config_str() or gin.config_str())
+    runs.write_run(run_dir, identity | {"format": runs.FORMAT, "status": "running", "command": command,
+                                         "budget": {"iterations": cfg.iterations, "episodes": cfg.max_episodes, "seconds": cfg.max_seconds},
+                                         "rlzoo_version": __import__("rlzoo").__version__, "processes": distributed.world_size(),
+                                         "started": previous.get("started") or time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+
+
+class MetricsLog:
+    """Appends records to metrics.jsonl and TensorBoard (rank 0), stamped with the run's progress."""
+
+    def __init__(self, run_dir: Path, progress: Progress):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.path, self.progress, self.tb = run_dir / "metrics.jsonl", progress, SummaryWriter(str(run_dir / "tb"))
+
+    def __call__(self, record: dict) -> None:
+        p = self.progress
+        record = {"kind": record.pop("kind"), "iteration": p.iteration, "episodes": p.episodes,
+                  "time/train_total": p.train_seconds, "flops/total": p.flops} | record
+        runs.append_jsonl(self.path, record)
         for key, value in record.items():
             if isinstance(value, (int, float)) and key != "iteration":
-                tb.add_scalar(key, value, state["iteration"])
-        tb.flush()
+                self.tb.add_scalar(key, value, p.iteration)
+        self.tb.flush()
 
-    # One sampling seed for every evaluation of the run (and, with the same run seed, of every strategy):
-    # with the same problems too, an unchanged policy scores the same, so a curve moves by learning alone.
-    eval_seed = derive_seed(cfg.seed, 0, 29)
+    def close(self) -> None:
+        self.tb.close()
 
-    def run_eval() -> None:
-        t0 = time.perf_counter()
-        record = {"kind": "eval"}
-        for split, problems in eval_sets.items():
-            mine = distributed.shard(len(problems))  # each rank evaluates its part of the problems
-            with ctx.sampling_weights():
-                result = evaluate(policy, tokenizer, engine, task, split, problems=problems[mine.start : mine.stop],
-                                  samples=cfg.eval_samples, temperature=cfg.eval_temperature, top_p=cfg.eval_top_p,
-                                  max_new_tokens=max_new_tokens, seed=eval_seed, prompt_tokenization=cfg.prompt_tokenization,
-                                  first_index=mine.start)
-            result = merge_eval(distributed.gather_objects({k: v for k, v in result.items() if k != "problems"}))
-            record |= {f"eval/{split}/{k}": v for k, v in result.items()
-                       if k.startswith(("pass@", "maj@")) or k in ("mean_response_tokens", "truncated", "n_problems")}
-        record["time/eval"] = time.perf_counter() - t0
-        log(record)
 
-    def budget_left() -> bool:
-        return (state["iteration"] < cfg.iterations
-                and not (cfg.max_episodes and state["episodes"] >= cfg.max_episodes)
-                and not (cfg.max_seconds and state["train_seconds"] >= cfg.max_seconds))
+def budget_left(cfg: TrainConfig, progress: Progress) -> bool:
+    return (progress.iteration < cfg.iterations
+            and not (cfg.max_episodes and progress.episodes >= cfg.max_episodes)
+            and not (cfg.max_seconds and progress.train_seconds >= cfg.max_seconds))
 
-    def checkpoint_now() -> None:
-        save_checkpoint(run_dir, state, ctx.trained, tokenizer, estimator, cfg.keep_checkpoints)
 
-    def train_iteration(it: int) -> dict:
-        """One iteration: rollouts, rewards, log-probs, credit, critic, PPO update. Returns its record."""
-        t_start = time.perf_counter()
-        watch, tokens_before, rollout_tokens_before = ctx.watch, dict(ctx.tokens), dict(ctx.forward_tokens)
-        engine_tokens_before = engine.stats.forward_tokens  # this rank's
-        watch.seconds.clear()
-        ctx.iteration = it
-        ctx.sampling = replace(sampling, seed=derive_seed(cfg.seed, it, 1))
+def run_eval(trainer: Trainer, eval_sets: dict[str, list[Problem]], seed: int) -> dict:
+    """The eval record: every eval set, each rank evaluating its part of the problems, merged."""
+    from rlzoo.evaluate import evaluate
 
-        # 1. Rollouts: group_size responses to each of this iteration's prompts. Each rank samples its
-        #    part of the prompts (a prompt's group stays on one rank), with the keys one process would use.
-        problems = iteration_problems(train_problems, it, cfg.prompts_per_iteration, cfg.seed)
-        prompt_ids = encode_prompts(tokenizer, task, problems, cfg.prompt_tokenization)
-        budgets = remaining_budgets(prompt_ids, list(map(len, prompt_ids)), max_new_tokens, context)  # < max_new_tokens only under min_response_tokens
-        mine = distributed.shard(len(problems))
-        with watch("generation"), ctx.sampling_weights():
-            completions = engine.generate(prompt_ids[mine.start : mine.stop], replace(ctx.sampling, first_index=mine.start),
-                                          budgets=budgets[mine.start : mine.stop])  # [P_rank][G]
-        generation_tokens = engine.stats.forward_tokens - engine_tokens_before  # this rank's prefill + decode
+    t, cfg = trainer, trainer.cfg
+    t0 = time.perf_counter()
+    record = {"kind": "eval"}
+    for split, problems in eval_sets.items():
+        mine = distributed.shard(len(problems))  # each rank evaluates its part of the problems
+        with t.ctx.sampling_weights():
+            result = evaluate(t.policy, t.tokenizer, t.engine, t.task, split, problems=problems[mine.start : mine.stop],
+                              samples=cfg.eval_samples, temperature=cfg.eval_temperature, top_p=cfg.eval_top_p,
+                              max_new_tokens=t.sampling.max_new_tokens, seed=seed,
+                              prompt_tokenization=cfg.prompt_tokenization, first_index=mine.start)
+        # ranks meet: every rank's part of the split
+        result = merge_eval(distributed.gather_objects({k: v for k, v in result.items() if k != "problems"}))
+        record |= {f"eval/{split}/{k}": v for k, v in result.items()
+                   if k.startswith(("pass@", "maj@")) or k in ("mean_response_tokens", "truncated", "n_problems")}
+    record["time/eval"] = time.perf_counter() - t0
+    return record
 
-        # 2. Rewards (graded in worker processes for math-verify tasks); then every rank holds the whole batch.
-        with watch("reward"):
-            flat_problems = [p for p, group in zip(problems[mine.start : mine.stop], completions) for _ in group]
-            scores = task.score(flat_problems, [c.text for group in completions for c in group])
-            parts = distributed.gather_objects((completions, scores))
-            completions, scores = [g for part, _ in parts for g in part], [s for _, part in parts for s in part]  # [P][G], [P * G]
-            batch = build_batch(tokenizer, task, problems, prompt_ids, completions, scores)
-        ctx.tokens["policy"] += sum(len(c.token_ids) for group in completions for c in group)
 
-        # 3. Log-probs of the sampled tokens under the sampling policy and the reference (each rank its rows).
-        with watch("logprobs"):
-            ids, attn, mask = batch.input_ids.to(device), batch.attention_mask.to(device), batch.response_mask
-            logprobs_of = lambda model: distributed.gather_rows(  # noqa: E731
-                lambda rows: batched_logprobs(model, ids[rows.start : rows.stop], attn[rows.start : rows.stop],
-                                              cfg.temperature, ppo_cfg.micro_batch_size), batch.size)
-            batch.old_logprobs = logprobs_of(policy)
-            kl_stats = {}
-            if reference is not None:
-                batch.ref_logprobs = logprobs_of(reference)
-                kl_stats = {"kl/ref_k1": masked_mean(kl_k1(batch.old_logprobs, batch.ref_logprobs), mask).item(),
-                            "kl/ref": masked_mean(kl_k3(batch.old_logprobs, batch.ref_logprobs), mask).item()}
-                if ppo_cfg.kl_mode == "k1-reward":
-                    batch.token_rewards = batch.token_rewards - ppo_cfg.kl_coef * kl_k1(batch.old_logprobs, batch.ref_logprobs) * mask
+# ----------------------------------------------------------------------------- one iteration
 
-        # 4. Credit: the only strategy-specific step (its MC rollouts, if any, time themselves as "mc").
-        t0 = time.perf_counter()
-        critic_before = critic_meter.counts() if critic_meter else [0, 0]  # [forward, trained] token positions
+
+def sample_and_score(t: Trainer, problems: list[Problem], prompt_ids: list[list[int]], budgets: list[int]):
+    """group_size responses to each prompt and their rewards, as one process would draw them. Each rank samples
+    and grades its part of the prompts (a prompt's group stays on one rank) with the keys one process would use;
+    returns the whole batch's completions [P][G] and scores [P * G] (every rank) and this rank's engine tokens."""
+    watch = t.ctx.watch
+    engine_tokens_before = t.engine.stats.forward_tokens  # this rank's
+    mine = distributed.shard(len(problems))
+    with watch("generation"), t.ctx.sampling_weights():
+        completions = t.engine.generate(prompt_ids[mine.start : mine.stop], replace(t.ctx.sampling, first_index=mine.start),
+                                        budgets=budgets[mine.start : mine.stop])  # [P_rank][G]
+    generation_tokens = t.engine.stats.forward_tokens - engine_tokens_before  # this rank's prefill + decode
+    with watch("reward"):  # graded in worker processes for math-verify tasks
+        flat_problems = [p for p, group in zip(problems[mine.start : mine.stop], completions) for _ in group]
+        scores = t.task.score(flat_problems, [c.text for group in completions for c in group])
+        parts = distributed.gather_objects((completions, scores))  # ranks meet: every rank then holds the whole batch
+    completions, scores = [g for part, _ in parts for g in part], [s for _, part in parts for s in part]  # [P][G], [P * G]
+    return completions, scores, generation_tokens
+
+
+def logprobs_of(t: Trainer, model, ids: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
+    """Log-probs [B, L] of the batch's tokens under ``model``; each rank runs its rows (ranks meet: the rows gathered)."""
+    return distributed.gather_rows(lambda rows: batched_logprobs(model, ids[rows.start : rows.stop], attn[rows.start : rows.stop],
+                                                                 t.cfg.temperature, t.ppo_cfg.micro_batch_size), ids.shape[0])
+
+
+def train_iteration(t: Trainer, it: int) -> dict:
+    """One iteration: rollouts, rewards, log-probs, credit, critic, PPO update. Returns its train record.
+    Ranks meet only where the code says so (``sample_and_score``, ``logprobs_of``, the estimator's own heavy parts,
+    ``ppo_update``'s gradient all-reduce, and the sums of the counters at the end)."""
+    cfg, ppo_cfg, ctx, estimator = t.cfg, t.ppo_cfg, t.ctx, t.estimator
+    t_start = time.perf_counter()
+    watch, tokens_before, rollout_tokens_before = ctx.watch, dict(ctx.tokens), dict(ctx.forward_tokens)
+    watch.seconds.clear()
+    ctx.iteration = it
+    ctx.sampling = replace(t.sampling, seed=derive_seed(cfg.seed, it, Salt.ROLLOUTS))
+
+    # 1-2. Rollouts and rewards: group_size responses to each of this iteration's prompts.
+    problems = iteration_problems(t.train_problems, it, cfg.prompts_per_iteration, cfg.seed)
+    prompt_ids = encode_prompts(t.tokenizer, t.task, problems, cfg.prompt_tokenization)
+    # < max_new_tokens only under train.min_response_tokens
+    budgets = remaining_budgets(prompt_ids, list(map(len, prompt_ids)), t.sampling.max_new_tokens, t.context)
+    completions, scores, generation_tokens = sample_and_score(t, problems, prompt_ids, budgets)
+    with watch("reward"):
+        batch = build_batch(t.tokenizer, t.task, problems, prompt_ids, completions, scores)
+    ctx.tokens["policy"] += sum(len(c.token_ids) for group in completions for c in group)
+
+    # 3. Log-probs of the sampled tokens under the sampling policy and the reference.
+    with watch("logprobs"):
+        ids, attn, mask = batch.input_ids.to(t.device), batch.attention_mask.to(t.device), batch.response_mask
+        batch.old_logprobs = logprobs_of(t, t.policy, ids, attn)
+        kl_stats = {}
+        if t.reference is not None:
+            batch.ref_logprobs = logprobs_of(t, t.reference, ids, attn)
+            kl_stats = {"kl/ref_k1": masked_mean(kl_k1(batch.old_logprobs, batch.ref_logprobs), mask).item(),
+                        "kl/ref": masked_mean(kl_k3(batch.old_logprobs, batch.ref_logprobs), mask).item()}
+            if ppo_cfg.kl_mode == "k1-reward":
+                batch.token_rewards = batch.token_rewards - ppo_cfg.kl_coef * kl_k1(batch.old_logprobs, batch.ref_logprobs) * mask
+
+    # 4. Credit: the only strategy-specific step. Its extra rollouts time themselves under their own purpose
+    #    (nested spans: the stopwatch counts each second once, in the innermost span).
+    critic_before = t.critic_meter.counts() if t.critic_meter else [0, 0]  # [forward, trained] token positions
+    with watch("advantages"):
         credit = estimator.advantages(batch, ctx)
-        watch.seconds["advantages"] += time.perf_counter() - t0 - sum(watch.seconds[k] for k in ("mc", "baseline"))
-        critic_mid = critic_meter.counts() if critic_meter else [0, 0]
-        with watch("critic"):
-            critic_stats = estimator.update_critic(batch, credit, ctx)
-        critic_after = critic_meter.counts() if critic_meter else [0, 0]
-        raw = credit.advantages
-        advantages = masked_whiten(raw, mask) if ppo_cfg.whiten_advantages else raw  # [B, L]
+    critic_mid = t.critic_meter.counts() if t.critic_meter else [0, 0]
+    with watch("critic"):
+        critic_stats = estimator.update_critic(batch, credit, ctx)
+    critic_after = t.critic_meter.counts() if t.critic_meter else [0, 0]
+    raw = credit.advantages
+    advantages = masked_whiten(raw, mask) if ppo_cfg.whiten_advantages else raw  # [B, L]
 
-        # 5. PPO epochs on the policy (each rank its rows of every minibatch); the engine then samples from the new weights.
-        with watch("update"):
-            update_stats = ppo_update(trainer, batch_on(batch, device), advantages.to(device), ppo_cfg, cfg.temperature,
-                                      torch.Generator().manual_seed(derive_seed(cfg.seed, it, 3)), norm_tokens)
-            if not all(torch.isfinite(p).all() for p in policy.parameters()):
-                raise FloatingPointError("the PPO update made the policy's weights non-finite: lower train.lr or raise ppo.kl_coef")
-            with ctx.sampling_weights():
-                engine.sync_weights(policy)
+    # 5. PPO epochs on the policy (each rank its rows of every minibatch); the engine then samples from the new weights.
+    with watch("update"):
+        update_stats = ppo_update(ctx.trained["policy"], batch_on(batch, t.device), advantages.to(t.device), ppo_cfg, cfg.temperature,
+                                  torch.Generator().manual_seed(derive_seed(cfg.seed, it, Salt.PPO_MINIBATCHES)), t.norm_tokens)
+        if not all(torch.isfinite(p).all() for p in t.policy.parameters()):
+            raise FloatingPointError("the PPO update made the policy's weights non-finite: lower train.lr or raise ppo.kl_coef")
+        with ctx.sampling_weights():
+            t.engine.sync_weights(t.policy)
 
-        # 6. Estimated FLOPs by stage (``estimated_flops``). Every pass over the batch runs its B x L positions
-        #    (each rank its rows); generation and critic counts are per rank, hence the sum.
-        batch_tokens = batch.size * batch.input_ids.shape[1]
-        generation_tokens, *critic_tokens = map(int, distributed.all_reduce(
-            [float(generation_tokens)] + [float(b - a) for a, b in zip(critic_before + critic_mid, critic_mid + critic_after)]))
-        critic_flops = lambda forward, trained: (estimated_flops(critic_params, forward)  # noqa: E731
-                                                  + estimated_flops(critic_params, trained, backward=True))
-        stage_flops = {
-            "generation": estimated_flops(policy_params, generation_tokens),
-            "logprobs": estimated_flops(policy_params, batch_tokens * (2 if reference is not None else 1)),
-            **{p: estimated_flops(policy_params, n - rollout_tokens_before.get(p, 0)) for p, n in ctx.forward_tokens.items()},
-            "advantages": critic_flops(*critic_tokens[:2]),  # a critic's forward inside the estimator
-            "critic": critic_flops(*critic_tokens[2:]),
-            "update": estimated_flops(policy_params, batch_tokens * ppo_cfg.epochs, backward=True),
-        }
+    # 6. Estimated FLOPs by stage (``estimated_flops``). Every pass over the batch runs its B x L positions
+    #    (each rank its rows); generation and critic counts are per rank, hence the sum (ranks meet).
+    batch_tokens = batch.size * batch.input_ids.shape[1]
+    generation_tokens, *critic_tokens = map(int, distributed.all_reduce(
+        [float(generation_tokens)] + [float(b - a) for a, b in zip(critic_before + critic_mid, critic_mid + critic_after)]))
+    critic_flops = lambda forward, trained: (estimated_flops(t.critic_params, forward)  # noqa: E731
+                                              + estimated_flops(t.critic_params, trained, backward=True))
+    stage_flops = {
+        "generation": estimated_flops(t.policy_params, generation_tokens),
+        "logprobs": estimated_flops(t.policy_params, batch_tokens * (2 if t.reference is not None else 1)),
+        **{p: estimated_flops(t.policy_params, n - rollout_tokens_before.get(p, 0)) for p, n in ctx.forward_tokens.items()},
+        "advantages": critic_flops(*critic_tokens[:2]),  # a critic's forward inside the estimator
+        "critic": critic_flops(*critic_tokens[2:]),
+        "update": estimated_flops(t.policy_params, batch_tokens * ppo_cfg.epochs, backward=True),
+    }
 
-        lengths = batch.response_lens().float()
-        return {
-            "kind": "train", "episodes": batch.size,
-            "reward/mean": batch.scores.mean().item(),
-            "reward/std": batch.scores.std().item() if batch.size > 1 else 0.0,
-            "response/length_mean": lengths.mean().item(),
-            "response/truncated_frac": sum(r == "length" for r in batch.finish_reasons) / batch.size,
-            "advantage/mean": masked_mean(raw, mask).item(),
-            "advantage/std": masked_mean((raw - masked_mean(raw, mask)) ** 2, mask).sqrt().item(),
-            "advantage/abs_max": (raw * mask).abs().max().item(),
-            **{f"credit/{k}": v for k, v in credit.stats.items()}, **kl_stats, **critic_stats, **update_stats,
-            **{f"time/{k}": v for k, v in watch.seconds.items()},
-            **{f"tokens/{k}": ctx.tokens[k] for k in ctx.tokens},
-            **{f"tokens_iter/{k}": ctx.tokens[k] - tokens_before.get(k, 0) for k in ctx.tokens},
-            "batch/tokens": batch_tokens,
-            **{f"flops/{k}": v for k, v in stage_flops.items() if v},
-            "time/iteration": distributed.all_reduce(time.perf_counter() - t_start, "max"),  # the slowest rank's: budgets agree
-            "memory/peak_rss_mb": peak_memory_mb(),
-        }
-
-    try:
-        with Interrupt() as interrupt:
-            while True:
-                it = state["iteration"]
-                if it % cfg.eval_every == 0 or not budget_left():
-                    run_eval()
-                stop = distributed.all_reduce(float(interrupt.requested), "max") > 0  # a signal to any rank stops all
-                if not budget_left() or stop:
-                    break
-                record = train_iteration(it)
-                state["iteration"] += 1
-                state["episodes"] += record.pop("episodes")
-                state["train_seconds"] += record["time/iteration"]
-                state["tokens"] = dict(ctx.tokens)
-                state["flops"] += sum(v for k, v in record.items() if k.startswith("flops/"))
-                log(record)
-                if state["iteration"] % cfg.checkpoint_every == 0:
-                    checkpoint_now()
-            checkpoint_now()
-            finished = not budget_left()
-    except FloatingPointError as e:
-        if main:
-            runs.write_run(run_dir, runs.read_run(run_dir) | {"status": "failed", "error": str(e)})
-        kept = latest_checkpoint(run_dir)
-        where = f"the last good checkpoint, {kept}, is intact" if kept else "no checkpoint had been saved yet"
-        raise UserError(f"{e} (stopped at iteration {state['iteration']}; {where})") from None
-    finally:
-        tb and tb.close()
-    if main:
-        runs.write_run(run_dir, runs.read_run(run_dir) | {"status": "finished" if finished else "running"})
-    distributed.barrier()  # the CLI reads run.json on every rank
-    return run_dir
+    lengths = batch.response_lens().float()
+    return {
+        "kind": "train", "episodes": batch.size,
+        "reward/mean": batch.scores.mean().item(),
+        "reward/std": batch.scores.std().item() if batch.size > 1 else 0.0,
+        "response/length_mean": lengths.mean().item(),
+        "response/truncated_frac": sum(r == "length" for r in batch.finish_reasons) / batch.size,
+        "advantage/mean": masked_mean(raw, mask).item(),
+        "advantage/std": masked_mean((raw - masked_mean(raw, mask)) ** 2, mask).sqrt().item(),
+        "advantage/abs_max": (raw * mask).abs().max().item(),
+        **{f"credit/{k}": v for k, v in credit.stats.items()}, **kl_stats, **critic_stats, **update_stats,
+        **{f"time/{k}": v for k, v in watch.seconds.items()},
+        **{f"tokens/{k}": ctx.tokens[k] for k in ctx.tokens},
+        **{f"tokens_iter/{k}": ctx.tokens[k] - tokens_before.get(k, 0) for k in ctx.tokens},
+        "batch/tokens": batch_tokens,
+        **{f"flops/{k}": v for k, v in stage_flops.items() if v},
+        "time/iteration": distributed.all_reduce(time.perf_counter() - t_start, "max"),  # the slowest rank's: budgets agree (ranks meet)
+    } | {"memory/peak_rss_mb": peak_memory_mb()}

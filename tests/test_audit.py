@@ -14,9 +14,7 @@ from rlzoo.audit import (
     audit,
     binomial_se,
     bootstrap_ci,
-    critic_values,
     html_section,
-    load_critic,
     mc_values,
     pairwise_ranking,
     portable_command,
@@ -25,6 +23,7 @@ from rlzoo.audit import (
 )
 from rlzoo.cli import main
 from rlzoo.engine import SamplingParams
+from rlzoo.errors import UserError
 from rlzoo.policy import build_char_tokenizer
 from rlzoo.rollout import EstimatorContext
 from rlzoo.runs import write_run
@@ -70,8 +69,8 @@ def toy_audit() -> dict:
 
     tokenizer, task, engine, _ = toy()
     problems = [Problem(f"toy/{i}", f"Q{i}", "") for i in range(6)]
-    cfg = AuditConfig(algos=("vineppo", "grpo", "rloo"), problems=6, truth_samples=256, alternatives=4, k=4, resamples=200)
-    apply_gin([], ["vineppo.group_size = 4", "grpo.group_size = 4", "rloo.group_size = 4"])
+    cfg = AuditConfig(algos=("vineppo", "grpo", "rloo"), problems=6, truth_samples=256, alternatives=4, resamples=200)
+    apply_gin([], ["vineppo.group_size = 4", "vineppo.k = 4", "grpo.group_size = 4", "rloo.group_size = 4"])
     try:
         return audit(None, tokenizer, engine, task, problems, cfg)
     finally:
@@ -96,7 +95,7 @@ def test_toy_audit_end_to_end_against_known_values():
         assert set(per_state[f"{name}/value"][:3]) == {per_state[f"{name}/value"][0]}  # one value per response
     # VinePPO's MC values are an estimate of the same thing: its error is bounded, its compute counted
     vine = result["strategies"]["vineppo"]
-    assert vine["k"] == 4 and vine["compute"]["tokens_generated"] > 0 and 0 <= vine["value_mae"]["mean"] < 0.35
+    assert vine["options"] == {"k": 4} and vine["compute"]["tokens_generated"] > 0 and 0 <= vine["value_mae"]["mean"] < 0.35
     assert set(vine["mae_by_step"]) == {"0", "1", "2"}
     for metric in ("value_mae", "sign_agreement", "ranking_accuracy"):
         m = vine[metric]
@@ -106,7 +105,7 @@ def test_toy_audit_end_to_end_against_known_values():
 def test_the_report_joins_the_leaderboard_page(tmp_path):
     from test_leaderboard import write_run_folder
 
-    from rlzoo.audit import write_report
+    from rlzoo.audit import leaderboard_sections, write_report
     from rlzoo.leaderboard import PLOTS, find_runs, write_leaderboard
 
     board = tmp_path / "leaderboard"
@@ -114,12 +113,12 @@ def test_the_report_joins_the_leaderboard_page(tmp_path):
     for plot in ("mae_by_step", "ranking_accuracy"):
         assert (board / "audit" / f"{plot}.png").stat().st_size > 0 and (board / "audit" / f"{plot}.svg").stat().st_size > 0
     md = (board / "audit" / "audit.md").read_text()
-    assert "| vineppo (K=4) |" in md and "| grpo |" in md and "![mae_by_step](mae_by_step.png)" in md
+    assert "| vineppo (k=4) |" in md and "| grpo |" in md and "![mae_by_step](mae_by_step.png)" in md
     assert json.loads((board / "audit" / "audit.json").read_text())["strategies"]["grpo"]["ranking_accuracy"]["mean"] == 0.5
 
     for algo in ("ppo", "grpo"):
         write_run_folder(tmp_path / "runs" / algo, algo, 0, {0: (0.4, 0.4), 5: (0.6, 0.5)})
-    write_leaderboard(find_runs([tmp_path / "runs"]), board)
+    write_leaderboard(find_runs([tmp_path / "runs"]), board, sections=leaderboard_sections(board))
     page, readme = (board / "index.html").read_text(), (board / "README.md").read_text()
     assert "Credit audit" in page and page.count("data:image/png;base64") == len(PLOTS) + 2  # the leaderboard's plots and the audit's
     assert "Credit audit" in readme and "(audit/mae_by_step.png)" in readme
@@ -167,7 +166,7 @@ def test_bootstrap_resamples_whole_problems():
 
 SMALL = ["train.prompts_per_iteration=2", "ppo.epochs=1", "ppo.minibatches=1", "value_ppo.critic_minibatches=1",
          "value_ppo.group_size=2", "grpo.group_size=2", "rloo.group_size=2", "vineppo.group_size=2",
-         "arith.test_size=20", "arith.ood_test_size=20"]
+         "vineppo.k=2", "arith.test_size=20", "arith.ood_test_size=20"]
 
 
 def _cli(*args):
@@ -198,7 +197,7 @@ def test_smoke_audit_on_the_tiny_policy_writes_table_plots_and_json(tiny_policy_
 
     out = tmp_path / "leaderboard" / "audit"
     sets = [x for b in SMALL for x in ("--set", b)]
-    args = ["audit", "--policy", tiny_policy_path, "--problems", 2, "--truth-samples", 4, "--alternatives", 2, "--k", 2,
+    args = ["audit", "--policy", tiny_policy_path, "--problems", 2, "--truth-samples", 4, "--alternatives", 2,
             "--critic-iterations", 1, "--out", out, *sets]
     code = _cli(*args)
     assert code == 0
@@ -206,7 +205,7 @@ def test_smoke_audit_on_the_tiny_policy_writes_table_plots_and_json(tiny_policy_
     assert list(result["strategies"]) == ["ppo", "vineppo", "grpo", "rloo"]
     for s in result["strategies"].values():
         assert s["value_mae"]["n"] == result["responses"]["states"] and "0" in s["mae_by_step"]
-    assert result["critic"]["trained_here"] and result["strategies"]["ppo"]["compute"]["forward_passes"] == 4
+    assert result["critics"]["ppo"]["trained_here"] and result["strategies"]["ppo"]["compute"]["forward_passes"] == 4
     for plot in ("mae_by_step", "ranking_accuracy"):
         assert (out / f"{plot}.png").stat().st_size > 0 and (out / f"{plot}.svg").stat().st_size > 0
     md = (out / "audit.md").read_text()
@@ -218,9 +217,9 @@ def test_smoke_audit_on_the_tiny_policy_writes_table_plots_and_json(tiny_policy_
     assert _cli("audit", "--algos", "ppo", "--critic", out / "critic-ppo-1it", "--problems", 1, "--truth-samples", 2,
                 "--alternatives", 2, "--out", again, *sets) == 0
     result = json.loads((again / "audit.json").read_text())
-    assert result["policy"] == "../leaderboard/audit/critic-ppo-1it" and result["critic"]["trained_here"] is False
+    assert result["policy"] == "../leaderboard/audit/critic-ppo-1it" and result["critics"]["ppo"]["trained_here"] is False
     assert result["policy_loaded"] == "../leaderboard/audit/critic-ppo-1it/checkpoints/iter_000001/policy"
-    assert result["critic"]["checkpoint"] == "../leaderboard/audit/critic-ppo-1it/checkpoints/iter_000001"
+    assert result["critics"]["ppo"]["checkpoint"] == "../leaderboard/audit/critic-ppo-1it/checkpoints/iter_000001"
 
     # No machine paths in what gets committed: the audit, and the leaderboard page it joins
     for algo in ("ppo", "grpo"):
@@ -234,7 +233,7 @@ def test_smoke_audit_on_the_tiny_policy_writes_table_plots_and_json(tiny_policy_
     # the command as given to main (not this process's sys.argv: pytest's), its paths from the audit's folder
     provenance = json.loads((out / "audit.json").read_text())["provenance"]["command"]
     assert provenance.startswith(f"rlzoo audit --policy {shown_path(str(tiny_policy_path), out)} --problems 2 --truth-samples 4 "
-                                 "--alternatives 2 --k 2 --critic-iterations 1 --out . --set "), provenance
+                                 "--alternatives 2 --critic-iterations 1 --out . --set "), provenance
     # the leaderboard one folder up names the policy by its path from there
     from_board = os.path.relpath(tiny_policy_path.resolve(), (tmp_path / "leaderboard").resolve())
     assert f"Credit audit — arith, policy {from_board}" in \
@@ -242,10 +241,14 @@ def test_smoke_audit_on_the_tiny_policy_writes_table_plots_and_json(tiny_policy_
 
 
 def test_critic_values_of_prefixes_equal_the_critics_values_inside_whole_rows(tiny_policy_path, tmp_path):
-    """ppo's value of a state read from a whole response row (the estimator) equals the critic's value of the
-    state alone (used for alternatives); and load_critic restores a saved critic exactly."""
+    """ppo's value of a state read from a whole response row (the estimator) equals its ``state_values`` of the
+    state alone (used for alternatives; a finished response valued before its last token); and ``load_learned``
+    restores a saved critic exactly."""
+    from types import SimpleNamespace
+
     from safetensors.torch import save_file
 
+    from rlzoo.algorithms import build_estimator
     from rlzoo.algorithms.value_ppo import ValueModel
 
     critic = ValueModel(str(tiny_policy_path))
@@ -259,16 +262,25 @@ def test_critic_values_of_prefixes_equal_the_critics_values_inside_whole_rows(ti
     with torch.no_grad():
         whole = critic(ids, mask)  # [2, 7]: whole[b, i] = V(rows[b][:i])
     prefixes = [(b, i) for b, r in enumerate(rows) for i in range(1, len(r))]
-    alone = critic_values(critic, [rows[b][:i] for b, i in prefixes], "cpu", batch_size=3)
+    estimator, ctx = build_estimator("ppo", micro_batch_size=3), SimpleNamespace(device=torch.device("cpu"))
+    estimator.critic = critic
+    alone = estimator.state_values([rows[b][:i] for b, i in prefixes], [None] * len(prefixes), [1] * len(prefixes), ctx,
+                                   [None] * len(prefixes))
     assert torch.allclose(alone, torch.stack([whole[b, i] for b, i in prefixes]), atol=1e-5)
+    finished = estimator.state_values([rows[0]], [None], [1], ctx, [1.0])  # the whole response: V before its last token
+    assert torch.allclose(finished, whole[0, len(rows[0]) - 1 :len(rows[0])], atol=1e-5)
 
     checkpoint = tmp_path / "iter_000001"
     (checkpoint / "policy").mkdir(parents=True)
     for f in tiny_policy_path.iterdir():
         (checkpoint / "policy" / f.name).write_bytes(f.read_bytes())
     save_file({k: v.contiguous() for k, v in critic.state_dict().items()}, str(checkpoint / "critic.safetensors"))
-    loaded = load_critic(checkpoint, "cpu")
-    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), critic.state_dict().values()))
+    loaded = build_estimator("ppo")
+    loaded.load_learned(checkpoint, ctx)
+    assert all(torch.equal(a, b) for a, b in zip(loaded.critic.state_dict().values(), critic.state_dict().values()))
+    (checkpoint / "critic.safetensors").unlink()
+    with pytest.raises(UserError, match="no critic.safetensors"):
+        loaded.load_learned(checkpoint, ctx)
 
 
 def _run_folder(path, algo, task):
@@ -283,7 +295,6 @@ def _run_folder(path, algo, task):
     (["--alternatives", "1"], "at least 2"),
     (["--truth-samples", "1"], "--truth-samples 1"),
     (["--algos", "vinepo"], "known: "),
-    (["--algos", "remax"], "cannot audit 'remax'"),
     (["--algos", "grpo", "--policy", "{tiny}", "--task", "gsm8k"], "trained on task 'arith', not 'gsm8k'"),
     (["--algos", "grpo", "--task", "gsm8k"], "trained on task 'arith', not 'gsm8k'"),  # the built-in default
     (["--algos", "grpo", "--policy", "{gsm8k_run}"], "run on task 'gsm8k', not 'arith'"),

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from rlzoo import leaderboard
+from rlzoo import leaderboard, reporting
 from rlzoo.cli import main
 from rlzoo.leaderboard import (
     PLOTS,
@@ -332,8 +332,8 @@ def test_leaderboard_end_to_end_writes_every_table_plot_and_the_html_page(tmp_pa
 
 
 def test_provenance_records_a_package_that_is_not_installed_as_null(tmp_path, monkeypatch):
-    monkeypatch.setattr(leaderboard, "PROVENANCE_PACKAGES", ("torch", "rlzoo-no-such-package"))
-    prov = json.loads(json.dumps(leaderboard.provenance("cmd")))
+    monkeypatch.setattr(reporting, "PROVENANCE_PACKAGES", ("torch", "rlzoo-no-such-package"))
+    prov = json.loads(json.dumps(reporting.provenance("cmd")))
     assert prov["torch"] == metadata.version("torch") and prov["rlzoo-no-such-package"] is None
 
 

@@ -23,6 +23,7 @@ import torch
 
 from rlzoo.engine import ENGINES, Completion, EngineStats, SamplingParams, prompt_budgets
 from rlzoo.errors import UserError
+from rlzoo.seeds import derive_seed
 
 # Where vLLM keeps the model it runs, newest layout first (v1 in-process engine core, then v0).
 _MODEL_PATHS = (
@@ -34,8 +35,8 @@ _MODEL_PATHS = (
 
 def request_seed(seed: int, prompt_index: int) -> int:
     """vLLM's per-request seed of prompt ``prompt_index``: a request's samples depend on its own seed
-    only, not on the other requests in the batch."""
-    return (seed * 1_000_003 + prompt_index) % (2**31 - 1)
+    only, not on the other requests in the batch (the prompt's index as the salt)."""
+    return derive_seed(seed, 0, prompt_index)
 
 
 @ENGINES.register("vllm")
