@@ -38,6 +38,7 @@ ESTIMATORS: Registry = Registry(
         "rlzoo.algorithms.rloo",
         "rlzoo.algorithms.vineppo",
         "rlzoo.algorithms.reinforce",
+        "rlzoo.algorithms.vineppo_adaptive",
     ),
 )
 
