@@ -39,6 +39,7 @@ ESTIMATORS: Registry = Registry(
         "rlzoo.algorithms.vineppo",
         "rlzoo.algorithms.reinforce",
         "rlzoo.algorithms.vineppo_adaptive",
+        "rlzoo.algorithms.spo_chain",
     ),
 )
 
@@ -48,6 +49,9 @@ class Credit:
     advantages: torch.Tensor  # [B, L] float32, 0 outside the response mask
     returns: torch.Tensor | None = None  # [B, L] float32: critic targets, for strategies with a critic
     values: torch.Tensor | None = None  # [B, L] float32: the estimate of V(state before token i), if any
+    # [B, L] float32: the tokens the policy loss (and the advantage whitening) covers, if not every response token
+    # (SPO-chain's probability mask); 0 outside the response mask
+    loss_mask: torch.Tensor | None = None
     stats: dict[str, float] = field(default_factory=dict)  # logged as "credit/<key>"
 
 

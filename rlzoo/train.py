@@ -493,11 +493,12 @@ def _train_owned(run_dir: Path, cfg: TrainConfig, ppo_cfg: PPOConfig, task: Task
             critic_stats = estimator.update_critic(batch, credit, ctx)
         critic_after = critic_meter.counts() if critic_meter else [0, 0]
         raw = credit.advantages
-        advantages = masked_whiten(raw, mask) if ppo_cfg.whiten_advantages else raw  # [B, L]
+        loss_mask = mask if credit.loss_mask is None else credit.loss_mask  # [B, L]: the tokens the loss covers
+        advantages = masked_whiten(raw, loss_mask) if ppo_cfg.whiten_advantages else raw  # [B, L]
 
         # 5. PPO epochs on the policy (each rank its rows of every minibatch); the engine then samples from the new weights.
         with watch("update"):
-            update_stats = ppo_update(trainer, batch_on(batch, device), advantages.to(device), ppo_cfg, cfg.temperature,
+            update_stats = ppo_update(trainer, batch_on(replace(batch, response_mask=loss_mask), device), advantages.to(device), ppo_cfg, cfg.temperature,
                                       torch.Generator().manual_seed(derive_seed(cfg.seed, it, 3)), norm_tokens)
             if not all(torch.isfinite(p).all() for p in policy.parameters()):
                 raise FloatingPointError("the PPO update made the policy's weights non-finite: lower train.lr or raise ppo.kl_coef")

@@ -91,3 +91,65 @@ def test_vineppo_adaptive_stops_agreeing_states_and_halves_mc_tokens_of_fixed_k9
     for b in range(batch.size):
         if batch.response_texts[b].startswith("b"):
             assert credit.values[b, batch.step_starts[b][1]].item() == 0.0
+
+
+# ----------------------------------------------------------------------------- spo_chain
+
+P_GOOD_STEPS = __import__("toy").P_GOOD
+
+
+def _with_known_logprobs(batch):
+    """The toy policy's log-prob of each response token: "g"/"b" at step t with P_GOOD[t] / 1 - P_GOOD[t]; newline
+    and EOS are certain. Cutpoints (p < 0.95) are exactly the step's first token."""
+    logprobs = torch.zeros_like(batch.response_mask)
+    for b in range(batch.size):
+        start = int(batch.prompt_lens[b])
+        for i, c in enumerate(batch.response_texts[b]):
+            if c in "gb":
+                p = P_GOOD_STEPS[i // 2]
+                logprobs[b, start + i] = math.log(p if c == "g" else 1 - p)
+    batch.old_logprobs = logprobs
+    return batch
+
+
+def test_spo_chain_values_segment_boundaries_without_bias_and_credits_only_cutpoints():
+    k, seeds, errors = 8, 150, {}
+    for seed in range(seeds):
+        batch, ctx = _toy_batch_and_ctx(seed, k)
+        batch = _with_known_logprobs(batch)
+        credit = build_estimator("spo_chain", k=k, group_size=4, prob_threshold=0.95, cutpoint_interval=1).advantages(batch, ctx)
+        cut = (batch.old_logprobs.exp() < 0.95) & (batch.response_mask > 0)
+        assert torch.equal(credit.loss_mask, cut.float())
+        assert torch.all(credit.advantages[~cut] == 0)
+        for b in range(batch.size):
+            starts, text = batch.step_starts[b], batch.response_texts[b]  # one cutpoint per step: segments are steps
+            v = [credit.values[b, s].item() for s in starts]
+            for t, value in enumerate(v):
+                errors.setdefault(text[: 2 * t], []).append(value - true_value(text[: 2 * t]))
+            for s, a in zip(starts, step_advantages(v, batch.scores[b].item())):
+                assert abs(credit.advantages[b, s].item() - a) < 1e-6  # A_k = V(s_{k+1}) - V(s_k) on the cutpoint
+                assert credit.values[b, s + 1].item() == credit.values[b, s].item()  # the newline is in the same segment
+    for state, errs in errors.items():
+        p = true_value(state)
+        se = (p * (1 - p) / k / len(errs)) ** 0.5
+        assert abs(sum(errs) / len(errs)) <= 3 * se + 1e-9, (state, sum(errs) / len(errs), se)
+
+
+def test_spo_chain_groups_cutpoints_into_segments_and_skips_confident_tokens():
+    batch, ctx = _with_known_logprobs(_toy_batch_and_ctx(7, 4)[0]), _toy_batch_and_ctx(7, 4)[1]
+    credit = build_estimator("spo_chain", k=4, group_size=4, prob_threshold=0.95, cutpoint_interval=2).advantages(batch, ctx)
+    assert credit.stats["mc_states"] == 2 * batch.size  # boundaries before steps 0 and 2
+    for b in range(batch.size):
+        s0, s1, s2 = batch.step_starts[b]
+        v0, v2 = credit.values[b, s0].item(), credit.values[b, s2].item()
+        assert credit.values[b, s1].item() == v0  # step 1 is in segment 0
+        assert abs(credit.advantages[b, s0].item() - (v2 - v0)) < 1e-6 and abs(credit.advantages[b, s1].item() - (v2 - v0)) < 1e-6
+        assert abs(credit.advantages[b, s2].item() - (batch.scores[b].item() - v2)) < 1e-6
+    # at the paper's threshold 0.9, step 0's "g" (p = 0.9) is confident: not a cutpoint, and gets no credit
+    batch, ctx = _with_known_logprobs(_toy_batch_and_ctx(7, 4)[0]), _toy_batch_and_ctx(7, 4)[1]
+    credit = build_estimator("spo_chain", k=4, group_size=4, cutpoint_interval=1).advantages(batch, ctx)
+    for b in range(batch.size):
+        s0 = batch.step_starts[b][0]
+        if batch.response_texts[b][0] == "g":
+            assert credit.loss_mask[b, s0] == 0 and credit.advantages[b, s0] == 0
+            assert credit.values[b, s0].item() == credit.values[b, batch.step_starts[b][1]].item()  # V̂ of the first boundary
