@@ -40,6 +40,7 @@ ESTIMATORS: Registry = Registry(
         "rlzoo.algorithms.reinforce",
         "rlzoo.algorithms.vineppo_adaptive",
         "rlzoo.algorithms.spo_chain",
+        "rlzoo.algorithms.prime",
     ),
 )
 

@@ -67,6 +67,9 @@ def test_every_strategy_runs_and_changes_the_policy(algo, tiny_policy_path, tmp_
         assert train_records[0]["tokens/mc"] > 0 and train_records[0]["time/mc"] > 0
     if algo == "ppo":
         assert (tmp_path / "checkpoints" / "iter_000002" / "critic.safetensors").exists()
+    if algo == "prime":
+        assert (tmp_path / "checkpoints" / "iter_000002" / "prm" / "model.safetensors").exists()
+        assert all("credit/prm_accuracy" in r and "critic/loss" in r for r in train_records)
 
     # FLOPs: every stage that runs a model reports a positive estimate; they add up to the cumulative total.
     from transformers import AutoModelForCausalLM
@@ -87,6 +90,10 @@ def test_every_strategy_runs_and_changes_the_policy(algo, tiny_policy_path, tmp_
             n_critic = _parameters(ValueModel(str(tiny_policy_path)))
             assert r["flops/advantages"] == 2 * n_critic * r["batch/tokens"]
             assert r["flops/critic"] == 6 * n_critic * r["batch/tokens"] * 2  # value_ppo.critic_epochs = 2
+        elif algo == "prime":  # the implicit PRM's forward (in advantages) and its CE update (its frozen reference is not metered)
+            n_prm = n_policy  # initialised from the policy checkpoint
+            assert r["flops/advantages"] == 2 * n_prm * r["batch/tokens"]
+            assert r["flops/critic"] == 6 * n_prm * r["batch/tokens"] * 1  # prime.prm_epochs = 1
         else:
             assert "flops/critic" not in stages and "flops/advantages" not in stages
     assert records[0]["flops/total"] == 0 and records[-1]["flops/total"] == total  # evals carry the total so far
