@@ -2,7 +2,8 @@
 
 The contract, one signature for all::
 
-    credit = estimator.advantages(batch, ctx)      # Credit: advantages [B, L] (+ returns, stats)
+    batch = estimator.sample(problems, ctx)        # RolloutBatch: the iteration's rollouts (default: group_size per prompt)
+    credit = estimator.advantages(batch, ctx)      # Credit: advantages [B, L] (+ returns, values, loss_mask, stats)
     stats = estimator.update_critic(batch, credit, ctx)   # only does work if it owns a critic
 
 and three declared needs that the training loop reads without knowing the strategy's name:
@@ -41,6 +42,7 @@ ESTIMATORS: Registry = Registry(
         "rlzoo.algorithms.vineppo_adaptive",
         "rlzoo.algorithms.spo_chain",
         "rlzoo.algorithms.prime",
+        "rlzoo.algorithms.spo_tree",
     ),
 )
 
@@ -72,6 +74,14 @@ class Estimator:
 
     def setup(self, ctx: Any) -> None:
         """Called once before training (e.g. to build a critic from the policy checkpoint)."""
+
+    def sample(self, problems: list, ctx: Any) -> "RolloutBatch":
+        """The iteration's rollouts and rewards for ``problems``: by default ``group_size`` independent responses to
+        each (``rollout.sample_groups``). A strategy that owns the shape of its samples (SPO-tree's tree of segments)
+        overrides it; the loop always calls it and never learns which shape it got."""
+        from rlzoo.rollout import sample_groups
+
+        return sample_groups(problems, ctx)
 
     def advantages(self, batch: "RolloutBatch", ctx: Any) -> Credit:
         raise NotImplementedError

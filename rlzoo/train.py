@@ -29,7 +29,7 @@ from rlzoo.algorithms import Estimator, build_estimator
 from rlzoo.engine import ENGINES, SamplingParams
 from rlzoo.errors import UserError, check_ranges
 from rlzoo.ppo import PPOConfig, batched_logprobs, kl_k1, kl_k3, masked_mean, masked_whiten, ppo_update
-from rlzoo.rollout import EstimatorContext, build_batch
+from rlzoo.rollout import EstimatorContext
 from rlzoo.tasks import Problem, Task, get_task
 
 
@@ -450,23 +450,11 @@ def _train_owned(run_dir: Path, cfg: TrainConfig, ppo_cfg: PPOConfig, task: Task
         ctx.iteration = it
         ctx.sampling = replace(sampling, seed=derive_seed(cfg.seed, it, 1))
 
-        # 1. Rollouts: group_size responses to each of this iteration's prompts. Each rank samples its
-        #    part of the prompts (a prompt's group stays on one rank), with the keys one process would use.
+        # 1-2. Rollouts and their rewards, as the strategy samples them (by default group_size responses to each prompt,
+        #      ``rollout.sample_groups``; SPO-tree samples a tree of segments); every rank then holds the whole batch.
         problems = iteration_problems(train_problems, it, cfg.prompts_per_iteration, cfg.seed)
-        prompt_ids = [tokenizer(task.prompt(p), add_special_tokens=True)["input_ids"] for p in problems]
-        mine = distributed.shard(len(problems))
-        with watch("generation"), ctx.sampling_weights():
-            completions = engine.generate(prompt_ids[mine.start : mine.stop], replace(ctx.sampling, first_index=mine.start))  # [P_rank][G]
+        batch = estimator.sample(problems, ctx)
         generation_tokens = engine.stats.forward_tokens - engine_tokens_before  # this rank's prefill + decode
-
-        # 2. Rewards (graded in worker processes for math-verify tasks); then every rank holds the whole batch.
-        with watch("reward"):
-            flat_problems = [p for p, group in zip(problems[mine.start : mine.stop], completions) for _ in group]
-            scores = task.score(flat_problems, [c.text for group in completions for c in group])
-            parts = distributed.gather_objects((completions, scores))
-            completions, scores = [g for part, _ in parts for g in part], [s for _, part in parts for s in part]  # [P][G], [P * G]
-            batch = build_batch(tokenizer, task, problems, prompt_ids, completions, scores)
-        ctx.tokens["policy"] += sum(len(c.token_ids) for group in completions for c in group)
 
         # 3. Log-probs of the sampled tokens under the sampling policy and the reference (each rank its rows).
         with watch("logprobs"):

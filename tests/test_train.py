@@ -25,10 +25,13 @@ SMALL = [
     "train.eval_train_problems = 4", "train.eval_test_problems = 4", "train.checkpoint_every = 1",
     "ppo.epochs = 1", "ppo.minibatches = 1", "vineppo.k = 2", "arith.test_size = 20", "arith.ood_test_size = 20",
     "vineppo_adaptive.k_first = 2", "vineppo_adaptive.round_size = 2", "vineppo_adaptive.budget = 3", "spo_chain.k = 2",
+    "spo_tree.segment_tokens = 4",
 ] + TINY_ARITH
 
 
 def _group_size(algo, n):
+    if algo == "spo_tree":  # its group is its tree: n leaves at most
+        return f"spo_tree.branch_factors = ({n // 2}, 2)"
     return f"{CONFIGURABLE.get(algo, algo)}.group_size = {n}"
 
 
@@ -67,6 +70,9 @@ def test_every_strategy_runs_and_changes_the_policy(algo, tiny_policy_path, tmp_
         assert train_records[0]["tokens/mc"] > 0 and train_records[0]["time/mc"] > 0
     if algo == "ppo":
         assert (tmp_path / "checkpoints" / "iter_000002" / "critic.safetensors").exists()
+    if algo == "spo_tree":  # trees of 2 x 2 leaves: segments shared by two leaves were generated once
+        assert all(r["credit/tree_leaves"] <= 8 * 4 and r["credit/tree_edges"] <= 8 * 6 for r in train_records)
+        assert all(r["tokens_iter/policy"] <= r["response/length_mean"] * r["credit/tree_leaves"] + 1e-6 for r in train_records)
     if algo == "prime":
         assert (tmp_path / "checkpoints" / "iter_000002" / "prm" / "model.safetensors").exists()
         assert all("credit/prm_accuracy" in r and "critic/loss" in r for r in train_records)

@@ -3,7 +3,6 @@
 PRIME's implicit process rewards and their training."""
 
 import math
-import random
 from itertools import product
 
 import torch
@@ -242,3 +241,76 @@ def test_prime_needs_two_samples_per_prompt():
 
     with pytest.raises(UserError, match="group_size"):
         build_estimator("prime", group_size=1)
+
+
+# ----------------------------------------------------------------------------- spo_tree
+
+
+class SegmentingEngine(__import__("toy").KnownPolicyEngine):
+    """The toy policy, stopping at ``max_new_tokens`` ("length") as a real engine does: SPO-tree cuts segments so."""
+
+    def generate(self, prompts, params):
+        out = super().generate(prompts, params)
+        for group in out:
+            for j, c in enumerate(group):
+                if len(c.token_ids) > params.max_new_tokens:
+                    ids = c.token_ids[: params.max_new_tokens]
+                    group[j] = type(c)(ids, self.tokenizer.decode(ids, skip_special_tokens=True), "length")
+        return out
+
+
+def _tree_batch(seed, branch_factors=(3, 3, 3)):
+    from rlzoo.engine import SamplingParams
+    from rlzoo.tasks import Problem
+
+    _, ctx = _toy_batch_and_ctx(seed, 0)
+    ctx.engine = SegmentingEngine(ctx.tokenizer, ctx.engine.prompt_len)
+    ctx.sampling = SamplingParams(n=1, seed=seed, max_new_tokens=8)
+    est = build_estimator("spo_tree", branch_factors=branch_factors, segment_tokens=2)  # one toy step per segment
+    batch = est.sample([Problem(f"toy/{i}", "Q", "") for i in range(2)], ctx)
+    return est, batch, ctx
+
+
+def test_spo_tree_samples_a_tree_of_segments_and_counts_shared_tokens_once():
+    est, batch, ctx = _tree_batch(0)
+    assert est.group_size == 27 and batch.group_ids.tolist() == sorted(batch.group_ids.tolist())
+    paths = batch.extra["tree_paths"]
+    for b, path in enumerate(paths):
+        text = batch.response_texts[b]
+        assert batch.scores[b].item() == float(text == "g\ng\ng\n")
+        assert len(path) - 1 == len(text) // 2  # one segment per step, and a "b" ends nothing early: 3 segments
+        # siblings share their prefix tokens exactly
+        for c, other in enumerate(paths):
+            if other[:2] == path[:2]:
+                s = int(batch.prompt_lens[b])
+                assert torch.equal(batch.input_ids[b, : s + 2], batch.input_ids[c, : s + 2])
+    assert batch.size == 2 * 27
+    assert ctx.tokens["policy"] == 2 * (3 * 2 + 9 * 2 + 27 * 3)  # segments generated once, the last with its EOS
+
+
+def test_spo_tree_node_values_are_unbiased_and_advantages_are_child_minus_parent():
+    errors: dict[str, list[float]] = {}
+    for seed in range(150):
+        est, batch, ctx = _tree_batch(seed)
+        credit = est.advantages(batch, ctx)
+        values = est.node_values(batch.extra["tree_paths"], batch.scores.tolist())
+        seen, valued = set(), set()
+        for b, path in enumerate(batch.extra["tree_paths"]):
+            s0, text = int(batch.prompt_lens[b]), batch.response_texts[b]
+            for d in range(1, len(path)):
+                s = s0 + 2 * (d - 1)
+                a = values[path[: d + 1]] - values[path[:d]]
+                assert abs(credit.advantages[b, s].item() - a) < 1e-6 and abs(credit.advantages[b, s + 1].item() - a) < 1e-6
+                assert abs(credit.values[b, s].item() - values[path[:d]]) < 1e-6
+                first = path[: d + 1] not in seen
+                seen.add(path[: d + 1])
+                assert credit.loss_mask[b, s].item() == float(first and a != 0)  # each edge once, zero-advantage ones dropped
+                if path[:d] not in valued:
+                    valued.add(path[:d])
+                    # a parent is an internal node: the mean of a subtree of rollouts from its state
+                    errors.setdefault(text[: 2 * (d - 1)], []).append(values[path[:d]] - true_value(text[: 2 * (d - 1)]))
+    assert set(errors) >= {"", "g\n", "b\n", "g\ng\n"}
+    for state, errs in errors.items():
+        e = torch.tensor(errs, dtype=torch.float64)
+        se = e.std().item() / len(e) ** 0.5
+        assert abs(e.mean().item()) <= 3.5 * se + 1e-9, (state, e.mean().item(), se)
