@@ -314,3 +314,31 @@ def test_spo_tree_node_values_are_unbiased_and_advantages_are_child_minus_parent
         e = torch.tensor(errs, dtype=torch.float64)
         se = e.std().item() / len(e) ** 0.5
         assert abs(e.mean().item()) <= 3.5 * se + 1e-9, (state, e.mean().item(), se)
+
+
+def test_spo_chain_takes_token_probabilities_from_the_policy_when_the_batch_has_none(tiny_policy_path):
+    # The audit hands estimators batches without old log-probs: SPO-chain then asks the policy, at the sampler's temperature.
+    import gin
+
+    from rlzoo.engine import ENGINES, SamplingParams
+    from rlzoo.policy import load_policy
+    from rlzoo.ppo import batched_logprobs
+    from rlzoo.rollout import EstimatorContext, sample_groups
+    from rlzoo.tasks import get_task
+    from conftest import TINY_ARITH
+
+    gin.parse_config(TINY_ARITH)
+    policy, tok = load_policy(str(tiny_policy_path))
+    task = get_task("arith")
+    ctx = EstimatorContext(policy=policy, tokenizer=tok, engine=ENGINES.get("torch")(policy, tok, max_batch_size=64), task=task,
+                           sampling=SamplingParams(n=2, temperature=0.6, top_p=0.9, max_new_tokens=task.max_new_tokens,
+                                                   stop=task.stop, seed=3),
+                           model_path=str(tiny_policy_path), device=torch.device("cpu"), seed=0)
+    batch = sample_groups(task.problems("train")[:4], ctx)
+    assert batch.old_logprobs is None and ctx.tokens["policy"] > 0
+    est = build_estimator("spo_chain", k=2, group_size=2, cutpoint_interval=1)
+    without = est.advantages(batch, ctx)
+    batch.old_logprobs = batched_logprobs(policy, batch.input_ids, batch.attention_mask, 0.6, 64)
+    with_ = est.advantages(batch, ctx)
+    assert torch.equal(without.loss_mask, with_.loss_mask) and without.loss_mask.sum() > 0
+    assert torch.equal(without.advantages, with_.advantages)
