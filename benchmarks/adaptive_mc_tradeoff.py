@@ -29,6 +29,7 @@ state of value 0.2 half the time (0.8^3), so a value of 0 is then kept with no f
 from __future__ import annotations
 
 import collections
+import importlib
 import statistics
 import time
 from dataclasses import replace
@@ -51,7 +52,7 @@ SETTINGS = [("vineppo", {"k": 9}), ("vineppo", {"k": 4}),
 def main() -> None:
     ESTIMATORS.names()  # every configurable is registered before the preset binds it
     get_task("arith")
-    import rlzoo.train  # noqa: F401  (train.* bindings)
+    importlib.import_module("rlzoo.train")  # train.* bindings
 
     gin.parse_config_files_and_bindings(["benchmarks/quick.gin"], [])
     path = default_policy_path()
