@@ -2,7 +2,8 @@
 
 The contract, one signature for all::
 
-    credit = estimator.advantages(batch, ctx)      # Credit: advantages [B, L] (+ returns, stats)
+    batch = estimator.sample(problems, ctx)        # RolloutBatch: the iteration's rollouts (default: group_size per prompt)
+    credit = estimator.advantages(batch, ctx)      # Credit: advantages [B, L] (+ returns, values, loss_mask, stats)
     stats = estimator.update_critic(batch, credit, ctx)   # only does work if it owns a critic
 
 and three declared needs that the training loop reads without knowing the strategy's name:
@@ -58,6 +59,9 @@ class Credit:
     advantages: torch.Tensor  # [B, L] float32, 0 outside the response mask
     returns: torch.Tensor | None = None  # [B, L] float32: critic targets, for strategies with a critic
     values: torch.Tensor | None = None  # [B, L] float32: V̂(state before token i), 0 outside the response mask; every built-in fills it
+    # [B, L] float32: the tokens the policy loss (and the advantage whitening) covers, if not every response token
+    # (SPO-chain's probability mask); 0 outside the response mask
+    loss_mask: torch.Tensor | None = None
     stats: dict[str, float] = field(default_factory=dict)  # logged as "credit/<key>"
 
 
@@ -79,6 +83,14 @@ class Estimator:
 
     def setup(self, ctx: Any) -> None:
         """Called once before training (e.g. to build a critic from the policy checkpoint)."""
+
+    def sample(self, problems: list, ctx: Any) -> "RolloutBatch":
+        """The iteration's rollouts and rewards for ``problems``: by default ``group_size`` independent responses to
+        each (``rollout.sample_groups``). A strategy that owns the shape of its samples (SPO-tree's tree of segments)
+        overrides it; the loop always calls it and never learns which shape it got."""
+        from rlzoo.rollout import sample_groups
+
+        return sample_groups(problems, ctx)
 
     def advantages(self, batch: "RolloutBatch", ctx: Any) -> Credit:
         raise NotImplementedError

@@ -11,6 +11,7 @@ class UserError(Exception):
 _RULES = {
     ">= 0": lambda v: v >= 0,
     ">= 1": lambda v: v >= 1,
+    ">= 2": lambda v: v >= 2,
     "> 0": lambda v: v > 0,
     "in [0, 1]": lambda v: 0 <= v <= 1,
     "in (0, 1]": lambda v: 0 < v <= 1,

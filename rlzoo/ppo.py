@@ -170,7 +170,7 @@ def ppo_update(policy, batch, advantages, cfg: PPOConfig, temperature: float, ge
     steps = skipped = 0
     for rows in minibatch_indices(batch.size, cfg.epochs, cfg.minibatches, generator):
         mask_mb = batch.response_mask[rows]  # [b, L] the global minibatch
-        denom = mask_mb.sum().item() if cfg.loss_agg == "token-mean" else float(len(rows))
+        denom = max(mask_mb.sum().item(), 1.0) if cfg.loss_agg == "token-mean" else float(len(rows))  # a masked-out minibatch: 0 loss
         tokens_mb = mask_mb.sum().clamp(min=1).item()
         stats = dict.fromkeys(summed, 0.0)
         micro_batches = distributed.split_rows(rows).split(cfg.micro_batch_size)  # this rank's rows

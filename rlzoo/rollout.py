@@ -20,7 +20,7 @@ import torch
 from rlzoo import distributed
 from rlzoo.distributed import Trained
 from rlzoo.engine import Completion, SamplingParams, context_length
-from rlzoo.tasks import Problem, Task
+from rlzoo.tasks import Problem, Task, encode_prompts
 
 
 @dataclass
@@ -198,6 +198,7 @@ class EstimatorContext:
     model_path: str  # the checkpoint the policy started from (critics initialise from it)
     device: torch.device
     seed: int
+    prompt_tokenization: str = "alone"  # how prompts become token ids (rlzoo.tasks.encode_prompts; train.prompt_tokenization)
     batch_rows: int = 0  # rows of every iteration's (global) rollout batch: prompts x group size
     iteration: int = 0
     watch: Stopwatch = field(default_factory=Stopwatch)
@@ -266,3 +267,28 @@ class EstimatorContext:
             value_of_unique = rewards.view(len(keys), params.n).mean(-1)  # [U]
             slot = {key: u for u, key in enumerate(keys)}
             return value_of_unique[torch.tensor([slot[tuple(s)] for s in states])]  # [N]
+
+
+def sample_groups(problems: list[Problem], ctx: EstimatorContext) -> RolloutBatch:
+    """The default sampling of an iteration (``Estimator.sample``): ``ctx.sampling.n`` independent responses to each
+    prompt, graded, packed into a RolloutBatch that every rank holds whole. Each rank samples its part of the
+    prompts (a prompt's group stays on one rank) with the keys one process would use; generation time goes to
+    stage "generation", grading to "reward", generated tokens to ``ctx.tokens["policy"]``."""
+    tokenizer, task = ctx.tokenizer, ctx.task
+    prompt_ids = encode_prompts(tokenizer, task, problems, ctx.prompt_tokenization)
+    # Each prompt's response budget: max_new_tokens, less only where the context is shorter (train.min_response_tokens).
+    budgets = remaining_budgets(prompt_ids, list(map(len, prompt_ids)), ctx.sampling.max_new_tokens,
+                                context_length(ctx.policy) if ctx.policy is not None else None)
+    mine = distributed.shard(len(problems))
+    with ctx.watch("generation"), ctx.sampling_weights():
+        completions = ctx.engine.generate(prompt_ids[mine.start : mine.stop], replace(ctx.sampling, first_index=mine.start),
+                                          budgets=budgets[mine.start : mine.stop])  # [P_rank][G]
+    # Rewards (graded in worker processes for math-verify tasks); then every rank holds the whole batch.
+    with ctx.watch("reward"):
+        flat_problems = [p for p, group in zip(problems[mine.start : mine.stop], completions) for _ in group]
+        scores = task.score(flat_problems, [c.text for group in completions for c in group])
+        parts = distributed.gather_objects((completions, scores))  # ranks meet: every rank then holds the whole batch
+        completions, scores = [g for part, _ in parts for g in part], [s for _, part in parts for s in part]  # [P][G], [P * G]
+        batch = build_batch(tokenizer, task, problems, prompt_ids, completions, scores)
+    ctx.tokens["policy"] += sum(len(c.token_ids) for group in completions for c in group)
+    return batch

@@ -35,9 +35,9 @@ from rlzoo.algorithms import Estimator, build_estimator
 from rlzoo.engine import ENGINES, SamplingParams, context_length
 from rlzoo.errors import UserError, check_ranges
 from rlzoo.ppo import PPOConfig, batched_logprobs, kl_k1, kl_k3, masked_mean, masked_whiten, ppo_update
-from rlzoo.rollout import EstimatorContext, build_batch, remaining_budgets
+from rlzoo.rollout import EstimatorContext
 from rlzoo.seeds import Salt, derive_seed
-from rlzoo.tasks import PROMPT_TOKENIZATIONS, Problem, Task, encode_prompts, fit_to_context, get_task, tokenization_mismatch
+from rlzoo.tasks import PROMPT_TOKENIZATIONS, Problem, Task, fit_to_context, get_task, tokenization_mismatch
 
 
 @gin.configurable("train")
@@ -338,7 +338,6 @@ class Trainer:
     train_problems: list[Problem]  # the train split, fitted to the model's context
     eval_sets: dict[str, list[Problem]]  # the train subset and each eval split, fitted likewise
     task_fit: dict  # what run.json records of the fitting: problems dropped per split, prompt tokenization mismatch
-    context: int | None  # the model's context in tokens (None: unbounded)
     policy: torch.nn.Module
     reference: torch.nn.Module | None  # the frozen initial policy (None without a KL term)
     tokenizer: Any
@@ -464,6 +463,7 @@ def build_trainer(cfg: TrainConfig, ppo_cfg: PPOConfig, task: Task, estimator: E
                               max_new_tokens=max_new_tokens, stop=task.stop)
     ctx = EstimatorContext(policy=policy, tokenizer=tokenizer, engine=engine, task=task, sampling=sampling,
                            model_path=policy.config._name_or_path, device=device, seed=cfg.seed,
+                           prompt_tokenization=cfg.prompt_tokenization,
                            deepspeed_config=deepspeed_config, batch_rows=cfg.prompts_per_iteration * estimator.group_size)
     # The policy trains through DDP or DeepSpeed when launched so (ctx.prepare); the engine samples from `policy` itself.
     total_steps = cfg.iterations * ppo_cfg.epochs * ppo_cfg.minibatches
@@ -474,7 +474,7 @@ def build_trainer(cfg: TrainConfig, ppo_cfg: PPOConfig, task: Task, estimator: E
     # A critic the estimator owns is metered wherever it runs (its forward in `advantages`, its update in `critic`).
     return Trainer(cfg=cfg, ppo_cfg=replace(ppo_cfg, loss_agg=estimator.loss_agg or ppo_cfg.loss_agg), task=task,
                    estimator=estimator, train_problems=train_problems, eval_sets=eval_sets, task_fit=task_fit,
-                   context=context, policy=policy, reference=reference, tokenizer=tokenizer,
+                   policy=policy, reference=reference, tokenizer=tokenizer,
                    engine=engine, ctx=ctx, sampling=sampling, device=device,
                    norm_tokens=ppo_cfg.loss_norm_tokens or max_new_tokens, policy_params=policy_params,
                    critic_params=parameter_count(critic) if critic is not None else 0,
@@ -611,25 +611,6 @@ def run_eval(trainer: Trainer, eval_sets: dict[str, list[Problem]], seed: int) -
 # ----------------------------------------------------------------------------- one iteration
 
 
-def sample_and_score(t: Trainer, problems: list[Problem], prompt_ids: list[list[int]], budgets: list[int]):
-    """group_size responses to each prompt and their rewards, as one process would draw them. Each rank samples
-    and grades its part of the prompts (a prompt's group stays on one rank) with the keys one process would use;
-    returns the whole batch's completions [P][G] and scores [P * G] (every rank) and this rank's engine tokens."""
-    watch = t.ctx.watch
-    engine_tokens_before = t.engine.stats.forward_tokens  # this rank's
-    mine = distributed.shard(len(problems))
-    with watch("generation"), t.ctx.sampling_weights():
-        completions = t.engine.generate(prompt_ids[mine.start : mine.stop], replace(t.ctx.sampling, first_index=mine.start),
-                                        budgets=budgets[mine.start : mine.stop])  # [P_rank][G]
-    generation_tokens = t.engine.stats.forward_tokens - engine_tokens_before  # this rank's prefill + decode
-    with watch("reward"):  # graded in worker processes for math-verify tasks
-        flat_problems = [p for p, group in zip(problems[mine.start : mine.stop], completions) for _ in group]
-        scores = t.task.score(flat_problems, [c.text for group in completions for c in group])
-        parts = distributed.gather_objects((completions, scores))  # ranks meet: every rank then holds the whole batch
-    completions, scores = [g for part, _ in parts for g in part], [s for _, part in parts for s in part]  # [P][G], [P * G]
-    return completions, scores, generation_tokens
-
-
 def logprobs_of(t: Trainer, model, ids: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
     """Log-probs [B, L] of the batch's tokens under ``model``; each rank runs its rows (ranks meet: the rows gathered)."""
     return distributed.gather_rows(lambda rows: batched_logprobs(model, ids[rows.start : rows.stop], attn[rows.start : rows.stop],
@@ -647,15 +628,13 @@ def train_iteration(t: Trainer, it: int) -> dict:
     ctx.iteration = it
     ctx.sampling = replace(t.sampling, seed=derive_seed(cfg.seed, it, Salt.ROLLOUTS))
 
-    # 1-2. Rollouts and rewards: group_size responses to each of this iteration's prompts.
+    # 1-2. Rollouts and their rewards, as the strategy samples them: by default group_size responses to each prompt
+    #      (``rollout.sample_groups``; SPO-tree samples a tree of segments). Ranks meet inside: every rank then holds
+    #      the whole batch.
     problems = iteration_problems(t.train_problems, it, cfg.prompts_per_iteration, cfg.seed)
-    prompt_ids = encode_prompts(t.tokenizer, t.task, problems, cfg.prompt_tokenization)
-    # < max_new_tokens only under train.min_response_tokens
-    budgets = remaining_budgets(prompt_ids, list(map(len, prompt_ids)), t.sampling.max_new_tokens, t.context)
-    completions, scores, generation_tokens = sample_and_score(t, problems, prompt_ids, budgets)
-    with watch("reward"):
-        batch = build_batch(t.tokenizer, t.task, problems, prompt_ids, completions, scores)
-    ctx.tokens["policy"] += sum(len(c.token_ids) for group in completions for c in group)
+    engine_tokens_before = t.engine.stats.forward_tokens  # this rank's
+    batch = estimator.sample(problems, ctx)
+    generation_tokens = t.engine.stats.forward_tokens - engine_tokens_before  # this rank's prefill + decode
 
     # 3. Log-probs of the sampled tokens under the sampling policy and the reference.
     with watch("logprobs"):
@@ -679,11 +658,13 @@ def train_iteration(t: Trainer, it: int) -> dict:
         critic_stats = estimator.update_critic(batch, credit, ctx)
     critic_after = t.critic_meter.counts() if t.critic_meter else [0, 0]
     raw = credit.advantages
-    advantages = masked_whiten(raw, mask) if ppo_cfg.whiten_advantages else raw  # [B, L]
+    loss_mask = mask if credit.loss_mask is None else credit.loss_mask  # [B, L]: the tokens the loss covers
+    advantages = masked_whiten(raw, loss_mask) if ppo_cfg.whiten_advantages else raw  # [B, L]
 
     # 5. PPO epochs on the policy (each rank its rows of every minibatch); the engine then samples from the new weights.
     with watch("update"):
-        update_stats = ppo_update(ctx.trained["policy"], batch_on(batch, t.device), advantages.to(t.device), ppo_cfg, cfg.temperature,
+        update_stats = ppo_update(ctx.trained["policy"], batch_on(replace(batch, response_mask=loss_mask), t.device),
+                                  advantages.to(t.device), ppo_cfg, cfg.temperature,
                                   torch.Generator().manual_seed(derive_seed(cfg.seed, it, Salt.PPO_MINIBATCHES)), t.norm_tokens)
         if not all(torch.isfinite(p).all() for p in t.policy.parameters()):
             raise FloatingPointError("the PPO update made the policy's weights non-finite: lower train.lr or raise ppo.kl_coef")

@@ -17,16 +17,21 @@ from rlzoo.cli import main
 from conftest import TINY_ARITH
 
 CONFIGURABLE = {"ppo": "value_ppo"}  # estimator name -> its gin name, where they differ
+MC_VALUED = {"vineppo", "vineppo_adaptive", "spo_chain"}  # strategies whose Monte-Carlo values are the "mc" stage
 
 # Small and fast: 4 prompts x 2 samples, one optimizer step per epoch, tiny evaluation sets.
 SMALL = [
     "train.prompts_per_iteration = 8", "train.lr = 1e-3", "train.eval_every = 100", "train.eval_samples = 2",
     "train.eval_train_problems = 4", "train.eval_test_problems = 4", "train.checkpoint_every = 1",
     "ppo.epochs = 1", "ppo.minibatches = 1", "vineppo.k = 2", "arith.test_size = 20", "arith.ood_test_size = 20",
+    "vineppo_adaptive.k_first = 2", "vineppo_adaptive.round_size = 2", "vineppo_adaptive.budget = 3", "spo_chain.k = 2",
+    "spo_tree.segment_tokens = 4",
 ] + TINY_ARITH
 
 
 def _group_size(algo, n):
+    if algo == "spo_tree":  # its group is its tree: n leaves at most
+        return f"spo_tree.branch_factors = ({n // 2}, 2)"
     return f"{CONFIGURABLE.get(algo, algo)}.group_size = {n}"
 
 
@@ -61,10 +66,16 @@ def test_every_strategy_runs_and_changes_the_policy(algo, tiny_policy_path, tmp_
     assert {"eval/test/pass@1", "eval/train/pass@1"} <= set(records[0]) and records[-1]["kind"] == "eval"
     assert all(r["ppo/optimizer_steps"] == 1 for r in train_records)
     assert train_records[0]["tokens/policy"] > 0 and "time/generation" in train_records[0]
-    if algo == "vineppo":
+    if algo in MC_VALUED:
         assert train_records[0]["tokens/mc"] > 0 and train_records[0]["time/mc"] > 0
     if algo == "ppo":
         assert (tmp_path / "checkpoints" / "iter_000002" / "critic.safetensors").exists()
+    if algo == "spo_tree":  # trees of 2 x 2 leaves: segments shared by two leaves were generated once
+        assert all(r["credit/tree_leaves"] <= 8 * 4 and r["credit/tree_edges"] <= 8 * 6 for r in train_records)
+        assert all(r["tokens_iter/policy"] <= r["response/length_mean"] * r["credit/tree_leaves"] + 1e-6 for r in train_records)
+    if algo == "prime":
+        assert (tmp_path / "checkpoints" / "iter_000002" / "prm" / "model.safetensors").exists()
+        assert all("credit/prm_accuracy" in r and "critic/loss" in r for r in train_records)
 
     # FLOPs: every stage that runs a model reports a positive estimate; they add up to the cumulative total.
     from transformers import AutoModelForCausalLM
@@ -78,13 +89,17 @@ def test_every_strategy_runs_and_changes_the_policy(algo, tiny_policy_path, tmp_
         total = r["flops/total"]
         assert r["flops/update"] == 6 * n_policy * r["batch/tokens"] * 1  # ppo.epochs = 1
         assert r["flops/logprobs"] == 2 * n_policy * r["batch/tokens"] * 2  # the policy's and the reference's
-        assert ("flops/mc" in stages) == (algo == "vineppo") and ("flops/baseline" in stages) == (algo == "remax")
+        assert ("flops/mc" in stages) == (algo in MC_VALUED) and ("flops/baseline" in stages) == (algo == "remax")
         if algo == "ppo":  # the critic's forward (in advantages) and its update, by its own parameter count
             from rlzoo.algorithms.value_ppo import ValueModel
 
             n_critic = _parameters(ValueModel(str(tiny_policy_path)))
             assert r["flops/advantages"] == 2 * n_critic * r["batch/tokens"]
             assert r["flops/critic"] == 6 * n_critic * r["batch/tokens"] * 2  # value_ppo.critic_epochs = 2
+        elif algo == "prime":  # the implicit PRM's forward (in advantages) and its CE update (its frozen reference is not metered)
+            n_prm = n_policy  # initialised from the policy checkpoint
+            assert r["flops/advantages"] == 2 * n_prm * r["batch/tokens"]
+            assert r["flops/critic"] == 6 * n_prm * r["batch/tokens"] * 1  # prime.prm_epochs = 1
         else:
             assert "flops/critic" not in stages and "flops/advantages" not in stages
     assert records[0]["flops/total"] == 0 and records[-1]["flops/total"] == total  # evals carry the total so far

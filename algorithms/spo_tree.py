@@ -1,0 +1,146 @@
+"""SPO-tree (Guo et al. 2025, "Segment Policy Optimization", arXiv 2505.23564): responses are sampled as a tree of
+fixed-length segments, so the samples that value a segment are the ones trained on: no Monte-Carlo rollout is
+discarded.
+
+Sampling (``sample``, this strategy owns the shape of its batch): from each prompt, ``branch_factors[0]``
+segments of ``segment_tokens`` tokens; from the end of each, ``branch_factors[1]`` more; ...; the last level
+runs to the end of the response budget. A segment that ends the response (EOS, a stop string, or the budget) is
+a leaf. Every leaf is one row of the batch: its full response, graded as usual.
+
+Credit: a leaf's value is its reward; an internal node's is the mean of its children's values (as the
+reference's tree); every token of the segment from node u to its child c gets A = V(c) - V(u), and
+``Credit.values`` carries V(u) (the state the segment starts from). The root is the prompt, valued by its tree.
+
+Training set (``Credit.loss_mask``): each segment once — on the first leaf below it — and only the segments whose
+advantage is not 0, as the reference trains on its tree's edges (``only_adv_greater_than_zero``: edges with
+advantage 0 are dropped). Rows share their prefix segments; the mask keeps a shared segment from being trained
+once per leaf below it.
+
+Simplifies relative to the paper and its code (AIFrameResearch/SPO): no replay buffer; no PAV / best-of-K prover
+term; the tree is sampled level by level in one engine call per level (its randomness differs with the number of
+processes, unlike the default sampling); ``group_size`` is the most leaves a prompt can have (the product of the
+branch factors), a prompt whose segments end early has fewer rows.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+
+import gin
+import torch
+
+from rlzoo import distributed
+from rlzoo.algorithms import ESTIMATORS, Credit, Estimator
+from rlzoo.engine import Completion
+
+
+@ESTIMATORS.register("spo_tree")
+@gin.configurable("spo_tree")
+@dataclass
+class SPOTree(Estimator):
+    branch_factors: tuple = (6, 6, 6)  # children of each node, level by level (the paper: 6-6-6)
+    segment_tokens: int = 30  # tokens per segment before the last level (the paper's GSM8K setting: M = 30)
+    ranges = {**Estimator.ranges, "segment_tokens": ">= 1"}
+
+    def __post_init__(self) -> None:
+        from rlzoo.errors import UserError
+
+        super().__post_init__()
+        if not self.branch_factors or any(not isinstance(b, int) or b < 1 for b in self.branch_factors):
+            raise UserError(f"spo_tree.branch_factors = {self.branch_factors!r}; expected a tuple of integers >= 1, e.g. (6, 6, 6)")
+
+    @property
+    def group_size(self) -> int:  # the most leaves (rows) one prompt can have
+        return math.prod(self.branch_factors)
+
+    def sample(self, problems, ctx):
+        """Trees of segments for this rank's prompts (level by level), graded at their leaves, gathered whole."""
+        from rlzoo.rollout import build_batch
+
+        tokenizer, task, M = ctx.tokenizer, ctx.task, self.segment_tokens
+        prompt_ids = [tokenizer(task.prompt(p), add_special_tokens=True)["input_ids"] for p in problems]
+        mine = distributed.shard(len(problems))
+        budget = ctx.sampling.max_new_tokens
+        leaves: list[list[tuple[tuple, Completion]]] = [[] for _ in mine]  # per prompt: (path, leaf completion)
+        frontier = [((p,), []) for p in range(len(mine))]  # open nodes: (path, response tokens so far)
+        generated = 0
+        with ctx.watch("generation"), ctx.sampling_weights():
+            for depth, branch in enumerate(self.branch_factors):
+                if not frontier:
+                    break
+                last = depth == len(self.branch_factors) - 1
+                room = budget - depth * M  # every open node at this depth holds depth * M tokens
+                params = replace(ctx.sampling, n=branch, max_new_tokens=room if last else min(M, room),
+                                 seed=ctx.sampling.seed + 7919 * depth, first_index=mine.start if depth == 0 else 0)
+                states = [prompt_ids[mine.start + path[0]] + prefix for path, prefix in frontier]
+                out = ctx.engine.generate(states, params) if depth == 0 else ctx.engine.generate(
+                    states, replace(params, seed=(params.seed * 1_000_003 + mine.start) % (2**31 - 1)))
+                nxt = []
+                for (path, prefix), group in zip(frontier, out):
+                    for j, c in enumerate(group):
+                        generated += len(c.token_ids)
+                        tokens = prefix + c.token_ids
+                        ends = last or c.finish_reason == "stop" or len(tokens) >= budget
+                        if ends:
+                            text = tokenizer.decode(prefix, skip_special_tokens=True) + c.text
+                            leaves[path[0]].append((path + (j,), Completion(tokens, text, c.finish_reason)))
+                        else:
+                            nxt.append((path + (j,), tokens))
+                frontier = nxt
+        with ctx.watch("reward"):
+            for group in leaves:
+                group.sort(key=lambda leaf: leaf[0])  # rows in tree order: siblings adjacent
+            completions = [[c for _, c in group] for group in leaves]  # [P_rank][leaves]
+            paths = [[(mine.start + path[0],) + path[1:] for path, _ in group] for group in leaves]
+            flat_problems = [problems[mine.start + p] for p, group in enumerate(completions) for _ in group]
+            scores = task.score(flat_problems, [c.text for group in completions for c in group])
+            parts = distributed.gather_objects((completions, scores, paths, generated))
+            completions = [g for part in parts for g in part[0]]  # [P][leaves]
+            scores = [s for part in parts for s in part[1]]
+            batch = build_batch(tokenizer, task, problems, prompt_ids, completions, scores)
+        batch.extra["tree_paths"] = [path for part in parts for group in part[2] for path in group]  # [B]: node path of each leaf
+        ctx.tokens["policy"] += sum(part[3] for part in parts)  # tokens generated: shared segments once
+        return batch
+
+    def node_values(self, paths: list[tuple], scores: list[float]) -> dict[tuple, float]:
+        """V of every node of the batch's trees: a leaf's reward; an internal node's mean of its children's values."""
+        values = dict(zip(paths, scores))
+        children: dict[tuple, set] = {}
+        for path in paths:
+            for d in range(1, len(path)):
+                children.setdefault(path[:d], set()).add(path[: d + 1])
+        for node in sorted(children, key=len, reverse=True):  # deepest first: children are valued before parents
+            values[node] = sum(values[c] for c in children[node]) / len(children[node])
+        return values
+
+    def advantages(self, batch, ctx) -> Credit:
+        paths = batch.extra.get("tree_paths")
+        if paths is None:  # a batch sampled elsewhere (e.g. the audit's groups): each row its own chain, one segment per level
+            paths = [(int(g), b) for b, g in enumerate(batch.group_ids.tolist())]
+        scores = batch.token_rewards.sum(-1).tolist()  # [B]
+        values = self.node_values(paths, scores)
+        advantages = torch.zeros_like(batch.response_mask)  # [B, L]
+        token_values = torch.zeros_like(batch.response_mask)  # [B, L]: V of the node each segment starts from
+        loss_mask = torch.zeros_like(batch.response_mask)  # [B, L]: each nonzero-advantage segment once
+        trained = set()
+        last = batch.last_token_index().tolist()
+        edges = nonzero = 0
+        for b, path in enumerate(paths):
+            start = int(batch.prompt_lens[b])
+            for d in range(1, len(path)):
+                s = start + (d - 1) * self.segment_tokens
+                e = last[b] + 1 if d == len(path) - 1 else min(s + self.segment_tokens, last[b] + 1)
+                a = values[path[: d + 1]] - values[path[:d]]
+                advantages[b, s:e] = a
+                token_values[b, s:e] = values[path[:d]]
+                if path[: d + 1] not in trained:
+                    trained.add(path[: d + 1])
+                    edges += 1
+                    if a != 0:
+                        nonzero += 1
+                        loss_mask[b, s:e] = 1.0
+        mask = batch.response_mask
+        return Credit(advantages=advantages * mask, values=token_values * mask, loss_mask=loss_mask * mask,
+                      stats={"tree_edges": edges, "tree_edges_trained": nonzero, "tree_leaves": len(paths),
+                             "tree_root_value_mean": sum(values[p[:1]] for p in paths) / max(len(paths), 1)})
