@@ -111,6 +111,13 @@ def length_buckets(lengths: torch.Tensor, max_rows: int, overhead_tokens: int = 
     return groups[::-1]
 
 
+def positions_run(attention_mask: torch.Tensor, micro_batch_size: int) -> int:
+    """Token positions ``batched_logprobs`` runs through the model for rows ``attention_mask`` [B, L]: each
+    micro-batch's rows x its longest row (the FLOPs estimate counts them, padding included)."""
+    lengths = row_lengths(attention_mask)
+    return sum(len(rows) * max(int(lengths[rows].max()), 1) for rows in length_buckets(lengths, micro_batch_size))
+
+
 @torch.no_grad()
 def batched_logprobs(model, input_ids, attention_mask, temperature: float, micro_batch_size: int) -> torch.Tensor:
     """``forward_logprobs`` in micro-batches of rows of similar length, each cut to its longest row, without
@@ -218,7 +225,7 @@ def ppo_update(policy, batch, advantages, cfg: PPOConfig, temperature: float, ge
     totals = {"loss/policy": 0.0, "loss/kl": 0.0, "ppo/clip_frac": 0.0, "ppo/approx_kl_old": 0.0, "ppo/entropy": 0.0,
               "ppo/ratio_mean": 0.0, "ppo/grad_norm": 0.0}
     summed = [k for k in totals if k != "ppo/grad_norm"] + ["nonfinite"]  # per-rank sums, all-reduced per minibatch
-    steps = skipped = 0
+    steps = skipped = positions = 0  # positions: token positions this rank ran forward and backward
     lengths = row_lengths(batch.attention_mask)  # [B]
     for rows in minibatch_indices(batch.size, cfg.epochs, cfg.minibatches, generator):
         mask_mb = batch.response_mask[rows]  # [b, L] the global minibatch
@@ -230,6 +237,7 @@ def ppo_update(policy, batch, advantages, cfg: PPOConfig, temperature: float, ge
         for i, micro in enumerate(micro_batches):
             last = i == len(micro_batches) - 1
             width = max(int(lengths[micro].max()), 1)  # the micro-batch's longest row: the columns after it are padding
+            positions += len(micro) * width
             with policy.accumulating(last):
                 mask = batch.response_mask[micro, :width]
                 logprobs, entropy = forward_logprobs(policy, batch.input_ids[micro, :width], batch.attention_mask[micro, :width],
@@ -269,5 +277,6 @@ def ppo_update(policy, batch, advantages, cfg: PPOConfig, temperature: float, ge
     out = {k: v / max(steps, 1) for k, v in totals.items()}
     out["ppo/optimizer_steps"] = steps
     out["ppo/skipped_minibatches"] = skipped
+    out["ppo/positions"] = positions  # this rank's; the loop's FLOPs estimate of the update sums it over ranks
     out["lr"] = policy.lr()
     return out
