@@ -87,7 +87,7 @@ class ValuePPO(Estimator):
 
         def part(rows: range) -> torch.Tensor:
             ids, attn = input_ids[rows.start : rows.stop], attention_mask[rows.start : rows.stop]
-            out = torch.zeros(ids.shape, dtype=torch.float32, device=ids.device)  # [b, L], 0 past each row's length
+            out = torch.zeros(ids.shape, dtype=torch.float32, device=ids.device)  # [b, L], 0 past a micro-batch's longest row (padding, never read)
             lengths = row_lengths(attn)
             for group in length_buckets(lengths, self.micro_batch_size):  # rows of similar length, cut to the longest
                 group, width = group.to(ids.device), max(int(lengths[group].max()), 1)
