@@ -6,7 +6,6 @@ padded batch (within float rounding); a short training run's metrics agree with 
 from __future__ import annotations
 
 import math
-from dataclasses import replace
 
 import pytest
 import torch
