@@ -14,7 +14,7 @@ from torch import nn
 from rlzoo import distributed
 from rlzoo.algorithms import ESTIMATORS, Credit, Estimator
 from rlzoo.errors import UserError
-from rlzoo.ppo import PPOConfig, masked_mean, minibatch_indices, value_loss
+from rlzoo.ppo import PPOConfig, length_buckets, masked_mean, micro_batch_rows, minibatch_indices, row_lengths, value_loss
 from rlzoo.seeds import Salt, derive_seed
 
 
@@ -106,9 +106,12 @@ class ValuePPO(Estimator):
 
         def part(rows: range) -> torch.Tensor:
             ids, attn = input_ids[rows.start : rows.stop], attention_mask[rows.start : rows.stop]
-            out = [self.critic(ids[i : i + self.micro_batch_size], attn[i : i + self.micro_batch_size])
-                   for i in range(0, ids.shape[0], self.micro_batch_size)]
-            return torch.cat(out).float() if out else torch.zeros(0, input_ids.shape[1])
+            out = torch.zeros(ids.shape, dtype=torch.float32, device=ids.device)  # [b, L], 0 past a micro-batch's longest row (padding, never read)
+            lengths = row_lengths(attn)
+            for group in length_buckets(lengths, self.micro_batch_size):  # rows of similar length, cut to the longest
+                group, width = group.to(ids.device), max(int(lengths[group].max()), 1)
+                out[group, :width] = self.critic(ids[group, :width], attn[group, :width]).float()
+            return out
 
         return distributed.gather_rows(part, input_ids.shape[0])
 
@@ -158,15 +161,18 @@ class ValuePPO(Estimator):
         # The iteration strides by 7 here, not derive_seed's 10_007: the seed this critic has always drawn with.
         generator = torch.Generator().manual_seed(derive_seed(ctx.seed, 0, Salt.CRITIC_MINIBATCHES + 7 * ctx.iteration))
         device, losses = ctx.device, []
+        lengths = row_lengths(batch.attention_mask)  # [B]
         for rows in minibatch_indices(batch.size, self.critic_epochs, self.critic_minibatches, generator):
             n_tokens = batch.response_mask[rows].sum().clamp(min=1).to(device)  # of the global minibatch
-            micro_batches = distributed.split_rows(rows).split(self.micro_batch_size)
+            micro_batches = micro_batch_rows(distributed.split_rows(rows), lengths, self.micro_batch_size)
             total = nonfinite = 0.0
             for i, micro in enumerate(micro_batches):
+                width = max(int(lengths[micro].max()), 1)  # the columns after the longest row are padding
                 with self.trainer.accumulating(last=i == len(micro_batches) - 1):
-                    mask = batch.response_mask[micro].to(device)
-                    values = self.trainer(batch.input_ids[micro].to(device), batch.attention_mask[micro].to(device))
-                    per_token = value_loss(values, credit.values[micro].to(device), credit.returns[micro].to(device), mask, self.value_clip)
+                    mask = batch.response_mask[micro, :width].to(device)
+                    values = self.trainer(batch.input_ids[micro, :width].to(device), batch.attention_mask[micro, :width].to(device))
+                    per_token = value_loss(values, credit.values[micro, :width].to(device), credit.returns[micro, :width].to(device),
+                                           mask, self.value_clip)
                     loss = (per_token * mask).sum() / n_tokens
                     total, nonfinite = total + loss.item(), nonfinite + float(not torch.isfinite(loss))
                     if i == len(micro_batches) - 1:  # all ranks decide alike

@@ -34,7 +34,7 @@ from rlzoo import distributed, runs
 from rlzoo.algorithms import Estimator, build_estimator
 from rlzoo.engine import ENGINES, SamplingParams, context_length
 from rlzoo.errors import UserError, check_ranges
-from rlzoo.ppo import PPOConfig, batched_logprobs, kl_k1, kl_k3, masked_mean, masked_whiten, ppo_update
+from rlzoo.ppo import PPOConfig, batched_logprobs, kl_k1, kl_k3, masked_mean, masked_whiten, positions_run, ppo_update
 from rlzoo.rollout import EstimatorContext
 from rlzoo.seeds import Salt, derive_seed
 from rlzoo.tasks import PROMPT_TOKENIZATIONS, Problem, Task, fit_to_context, get_task, tokenization_mismatch
@@ -671,20 +671,22 @@ def train_iteration(t: Trainer, it: int) -> dict:
         with ctx.sampling_weights():
             t.engine.sync_weights(t.policy)
 
-    # 6. Estimated FLOPs by stage (``estimated_flops``). Every pass over the batch runs its B x L positions
-    #    (each rank its rows); generation and critic counts are per rank, hence the sum (ranks meet).
+    # 6. Estimated FLOPs by stage (``estimated_flops``) of the positions each pass ran (micro-batches cut to their
+    #    longest row); generation, update and critic counts are per rank, hence the sum (ranks meet).
     batch_tokens = batch.size * batch.input_ids.shape[1]
-    generation_tokens, *critic_tokens = map(int, distributed.all_reduce(
-        [float(generation_tokens)] + [float(b - a) for a, b in zip(critic_before + critic_mid, critic_mid + critic_after)]))
+    generation_tokens, update_tokens, *critic_tokens = map(int, distributed.all_reduce(
+        [float(generation_tokens), float(update_stats.pop("ppo/positions"))]
+        + [float(b - a) for a, b in zip(critic_before + critic_mid, critic_mid + critic_after)]))
     critic_flops = lambda forward, trained: (estimated_flops(t.critic_params, forward)  # noqa: E731
                                               + estimated_flops(t.critic_params, trained, backward=True))
     stage_flops = {
         "generation": estimated_flops(t.policy_params, generation_tokens),
-        "logprobs": estimated_flops(t.policy_params, batch_tokens * (2 if t.reference is not None else 1)),
+        "logprobs": estimated_flops(t.policy_params, positions_run(batch.attention_mask, ppo_cfg.micro_batch_size)
+                                    * (2 if t.reference is not None else 1)),
         **{p: estimated_flops(t.policy_params, n - rollout_tokens_before.get(p, 0)) for p, n in ctx.forward_tokens.items()},
         "advantages": critic_flops(*critic_tokens[:2]),  # a critic's forward inside the estimator
         "critic": critic_flops(*critic_tokens[2:]),
-        "update": estimated_flops(t.policy_params, batch_tokens * ppo_cfg.epochs, backward=True),
+        "update": estimated_flops(t.policy_params, update_tokens, backward=True),
     }
 
     lengths = batch.response_lens().float()
@@ -702,6 +704,7 @@ def train_iteration(t: Trainer, it: int) -> dict:
         **{f"tokens/{k}": ctx.tokens[k] for k in ctx.tokens},
         **{f"tokens_iter/{k}": ctx.tokens[k] - tokens_before.get(k, 0) for k in ctx.tokens},
         "batch/tokens": batch_tokens,
+        "batch/real_tokens": int(batch.attention_mask.sum()),  # B x L less the padding: the least any pass can run
         **{f"flops/{k}": v for k, v in stage_flops.items() if v},
         "time/iteration": distributed.all_reduce(time.perf_counter() - t_start, "max"),  # the slowest rank's: budgets agree (ranks meet)
     } | {"memory/peak_rss_mb": peak_memory_mb()}

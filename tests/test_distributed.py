@@ -77,8 +77,9 @@ def _assert_same_weights(a, b, start=None):
         assert max((a[k] - start[k]).abs().max().item() for k in a) > 2e-5
 
 
-# FLOPs of sampling count the engine's padding, which depends on how the prompts split over ranks.
-SAMPLER_FLOPS = ("flops/total", "flops/generation", "flops/mc", "flops/baseline")
+# FLOPs of sampling count the engine's padding, which depends on how the prompts split over ranks; so do those of
+# the update and the critic: one process groups a minibatch's rows by length, ranks keep a plain split of theirs.
+SAMPLER_FLOPS = ("flops/total", "flops/generation", "flops/mc", "flops/baseline", "flops/update", "flops/advantages", "flops/critic")
 
 
 def _comparable(run_dir):

@@ -34,6 +34,7 @@ from typing import Sequence
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
+from rlzoo import lean_llama
 from rlzoo.engine import ENGINES, Completion, EngineStats, SamplingParams, context_length, prompt_budgets
 from rlzoo.errors import UserError
 
@@ -318,11 +319,16 @@ class TorchEngine:
     def _model_call(self):
         """forward(input_ids, attention_mask, position_ids, cache) -> logits [B, V] float32 of the last position.
 
-        Asks for the last position's logits only where the model supports it (the LM head on a
+        The built-in Llama architecture takes ``lean_llama.decode_logits`` (same logits up to float rounding).
+        Otherwise asks for the last position's logits only where the model supports it (the LM head on a
         prompt's every position is wasted work); transformers 5 calls the cache argument ``cache``,
         older versions ``past_key_values``.
         """
         model = self.model
+        if lean_llama.supports(model):  # the built-in architecture: a lean step (fused projections, no mask building)
+            fused = lean_llama.fused_weights(model)
+            return lambda input_ids, attention_mask, position_ids, cache: lean_llama.decode_logits(
+                model, fused, input_ids, attention_mask, position_ids, cache)
         parameters = inspect.signature(model.forward).parameters
         cache_argument = "cache" if "cache" in parameters else "past_key_values"
         options = {"logits_to_keep": 1} if "logits_to_keep" in parameters else {}

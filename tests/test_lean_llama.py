@@ -1,0 +1,170 @@
+"""The speed paths against the plain ones on tiny real models: the torch engine's lean Llama decode step gives
+transformers' logits (within 1e-5) and the same sampled tokens, other architectures keep transformers' forward;
+micro-batches of rows of similar length cut to their longest row give the log-probs and the PPO update of one
+padded batch (within float rounding); a short training run's metrics agree with the fast paths on and off."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from transformers.cache_utils import Cache
+
+from rlzoo import lean_llama, ppo, runs
+from rlzoo.engine import SamplingParams
+from rlzoo.engine.torch_engine import TorchEngine, _KVBuffer
+from test_engine import PROMPTS, char_tokenizer, encode, tiny_llama
+
+LOGIT_ATOL = 1e-5  # lean vs transformers logits (values of order 1-10): float32 rounding of a different op order
+METRIC_RTOL = 1e-4  # a 2-iteration run's float metrics, fast paths on vs off
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return char_tokenizer()
+
+
+def _steps(engine, prompts, steps=4):
+    """Prefill left-padded ``prompts`` and decode ``steps`` greedy tokens with ``engine``'s model call;
+    returns each call's logits [U, V]."""
+    forward = engine._model_call()
+    width = max(map(len, prompts))
+    ids = torch.full((len(prompts), width), engine.pad_token_id)
+    mask = torch.zeros((len(prompts), width + steps), dtype=torch.long)
+    for u, p in enumerate(prompts):
+        ids[u, width - len(p):] = torch.tensor(p)
+        mask[u, width - len(p):] = 1
+    positions = (mask[:, :width].cumsum(-1) - 1).clamp(min=0)
+    cache = Cache(layers=[_KVBuffer(width + steps) for _ in range(engine._num_layers())])
+    with torch.inference_mode():
+        out = [forward(ids, mask[:, :width], positions, cache)]
+        nxt = positions[:, -1] + 1
+        for step in range(steps - 1):
+            out.append(forward(out[-1].argmax(-1)[:, None], mask[:, : width + step + 1], nxt[:, None], cache))
+            nxt = nxt + 1
+    return out
+
+
+def test_lean_decode_gives_transformers_logits_and_the_same_samples(tokenizer):
+    model = tiny_llama(tokenizer)  # grouped-query attention: 4 heads over 2 key/value heads
+    engine = TorchEngine(model, tokenizer, max_batch_size=5)
+    assert lean_llama.supports(model)
+    prompts = encode(tokenizer, PROMPTS)  # mixed lengths: left padding in the prefill
+    lean = _steps(engine, prompts)
+    with lean_llama.disabled():
+        assert not lean_llama.supports(model)
+        plain = _steps(engine, prompts)
+    for a, b in zip(lean, plain):
+        assert a.shape == b.shape and torch.allclose(a, b, atol=LOGIT_ATOL, rtol=0)
+    params = SamplingParams(n=6, temperature=0.8, top_p=0.9, max_new_tokens=12, seed=3)
+    sampled = engine.generate(prompts, params)
+    with lean_llama.disabled():
+        reference = engine.generate(prompts, params)
+    assert [[c.token_ids for c in g] for g in sampled] == [[c.token_ids for c in g] for g in reference]
+    assert len({tuple(c.token_ids) for g in sampled for c in g}) > len(PROMPTS)  # real sampling, not one answer
+
+
+def test_other_architectures_keep_the_transformers_forward(tokenizer):
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaForCausalLM
+
+    class MyLlama(LlamaForCausalLM):  # a subclass may change the forward: not taken for plain Llama
+        pass
+
+    torch.manual_seed(0)
+    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_embd=32, n_layer=2, n_head=4, n_positions=64)).eval()
+    assert not lean_llama.supports(gpt2) and not lean_llama.supports(MyLlama(tiny_llama(tokenizer).config))
+    prompts = encode(tokenizer, PROMPTS[:3])
+    out = TorchEngine(gpt2, tokenizer).generate(prompts, SamplingParams(n=1, temperature=0, max_new_tokens=6))
+    batch = tokenizer.pad({"input_ids": prompts}, return_tensors="pt")
+    ref = gpt2.generate(**batch, do_sample=False, max_new_tokens=6, pad_token_id=tokenizer.pad_token_id,
+                        eos_token_id=tokenizer.eos_token_id)[:, batch["input_ids"].shape[1]:].tolist()
+    for group, row in zip(out, ref):
+        eos = tokenizer.eos_token_id
+        assert group[0].token_ids == (row[: row.index(eos) + 1] if eos in row else row)
+
+
+# ------------------------------------------------------------------------------ length buckets
+
+
+def _right_padded(tokenizer, lengths, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    L = max(lengths)
+    ids = torch.randint(3, len(tokenizer), (len(lengths), L), generator=g)
+    mask = (torch.arange(L)[None] < torch.tensor(lengths)[:, None]).long()  # [B, L] right-padded
+    return ids.masked_fill(mask == 0, tokenizer.pad_token_id), mask
+
+
+def test_length_buckets_partition_the_rows_and_cut_padding():
+    lengths = torch.tensor([5, 40, 7, 38, 6, 41, 39, 8, 5, 40])
+    groups = ppo.length_buckets(lengths, max_rows=4, overhead_tokens=0)
+    assert sorted(torch.cat(groups).tolist()) == list(range(10)) and all(len(g) <= 4 for g in groups)
+    assert sum(len(g) * int(lengths[g].max()) for g in groups) < len(lengths) * int(lengths.max()) * 0.7
+    assert len(ppo.length_buckets(lengths, max_rows=10, overhead_tokens=10**6)) == 1  # calls costlier than padding
+    assert ppo.row_lengths(torch.tensor([[1, 1, 0], [0, 0, 0], [1, 1, 1]])).tolist() == [2, 0, 3]
+
+
+def test_bucketed_logprobs_equal_one_padded_forward(tokenizer):
+    model = tiny_llama(tokenizer)
+    ids, mask = _right_padded(tokenizer, [3, 17, 5, 16, 4, 18, 9])
+    out = ppo.batched_logprobs(model, ids, mask, temperature=0.6, micro_batch_size=3)
+    with torch.no_grad():
+        padded, _ = ppo.forward_logprobs(model, ids, mask, 0.6)
+    assert torch.allclose(out * mask, padded * mask, atol=1e-6)  # padding positions are never read
+    assert ppo.positions_run(mask, 3) < ids.numel()
+
+
+def test_bucketed_ppo_update_equals_one_padded_micro_batch(tokenizer, monkeypatch):
+    from rlzoo.distributed import Trained
+    from rlzoo.rollout import RolloutBatch
+
+    ids, mask = _right_padded(tokenizer, [6, 30, 8, 28, 7, 31, 29, 9], seed=1)
+    response = mask.float()
+    response[:, :3] = 0  # a 3-token prompt
+    g = torch.Generator().manual_seed(2)
+    advantages = torch.randn(ids.shape, generator=g) * response
+
+    def update(one_group: bool):
+        model = tiny_llama(tokenizer)
+        with torch.no_grad():
+            old, _ = ppo.forward_logprobs(model, ids, mask, 1.0)
+        batch = RolloutBatch(input_ids=ids, attention_mask=mask, response_mask=response, token_rewards=response * 0,
+                             scores=torch.zeros(8), group_ids=torch.zeros(8, dtype=torch.long), prompt_lens=torch.full((8,), 3),
+                             step_starts=[[3]] * 8, problems=[None] * 8, response_texts=[""] * 8, finish_reasons=["stop"] * 8,
+                             old_logprobs=old, ref_logprobs=old - 0.01)
+        if one_group:
+            monkeypatch.setattr(ppo, "length_buckets", lambda lengths, max_rows, overhead_tokens=0: [torch.arange(len(lengths))])
+        cfg = ppo.PPOConfig(epochs=2, minibatches=2, micro_batch_size=4)
+        stats = ppo.ppo_update(Trained(model, lr=1e-2), batch, advantages, cfg, 1.0, torch.Generator().manual_seed(0), 1)
+        monkeypatch.undo()
+        return model, stats
+
+    bucketed, stats = update(False)
+    padded, padded_stats = update(True)
+    assert stats["ppo/positions"] < padded_stats["ppo/positions"] <= 2 * ids.numel()
+    for (name, a), b in zip(bucketed.named_parameters(), padded.parameters()):
+        assert torch.allclose(a, b, atol=1e-6), name
+    for key, value in stats.items():
+        assert key == "ppo/positions" or math.isclose(value, padded_stats[key], rel_tol=1e-5, abs_tol=1e-7), key
+
+
+# ------------------------------------------------------------------------------ a short run
+
+
+@pytest.mark.parametrize("algo", ["grpo", "vineppo"])
+def test_a_short_run_gives_the_same_metrics_with_the_fast_paths_on_and_off(algo, tiny_policy_path, tmp_path, monkeypatch):
+    from test_train import SMALL, _group_size, _train
+
+    bindings = SMALL + [_group_size(algo, 4), "ppo.micro_batch_size = 8"]  # 8 prompts x 4: several micro-batches
+    assert _train(tmp_path / "fast", algo, tiny_policy_path, bindings) == 0
+    with lean_llama.disabled():  # and one padded micro-batch per pass: what the loop ran before
+        monkeypatch.setattr(ppo, "length_buckets", lambda lengths, max_rows, overhead_tokens=0: list(torch.arange(len(lengths)).split(max_rows)))
+        assert _train(tmp_path / "plain", algo, tiny_policy_path, bindings) == 0
+    fast, plain = ([r for r in runs.read_jsonl(tmp_path / name / "metrics.jsonl") if r["kind"] == "train"] for name in ("fast", "plain"))
+    for a, b in zip(fast, plain):
+        assert a["batch/real_tokens"] == b["batch/real_tokens"] and a["reward/mean"] == b["reward/mean"]  # the same samples
+        assert a["flops/update"] < b["flops/update"]  # padding left out
+        for key, value in a.items():
+            if key.startswith(("time/", "flops/", "memory/")) or not isinstance(value, float):
+                continue
+            assert math.isclose(value, b[key], rel_tol=METRIC_RTOL, abs_tol=1e-6), (key, value, b[key])
