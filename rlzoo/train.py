@@ -184,7 +184,9 @@ class Interrupt:
 
     def __exit__(self, *exc):
         for s, h in self.previous.items():
-            signal.signal(s, h)
+            # Once asked to stop, a repeated SIGTERM that lands after the loop (while run.json is written, or as the
+            # CLI exits) must not kill the stopping process either: it stays ignored for the rest of the process.
+            signal.signal(s, signal.SIG_IGN if s == signal.SIGTERM and self.requested else h)
 
 
 # ----------------------------------------------------------------------------- checkpoints
