@@ -249,12 +249,12 @@ def test_prime_needs_two_samples_per_prompt():
 class SegmentingEngine(__import__("toy").KnownPolicyEngine):
     """The toy policy, stopping at ``max_new_tokens`` ("length") as a real engine does: SPO-tree cuts segments so."""
 
-    def generate(self, prompts, params):
+    def generate(self, prompts, params, budgets=None):
         out = super().generate(prompts, params)
-        for group in out:
+        for group, budget in zip(out, budgets or [params.max_new_tokens] * len(out)):
             for j, c in enumerate(group):
-                if len(c.token_ids) > params.max_new_tokens:
-                    ids = c.token_ids[: params.max_new_tokens]
+                if len(c.token_ids) > budget:
+                    ids = c.token_ids[:budget]
                     group[j] = type(c)(ids, self.tokenizer.decode(ids, skip_special_tokens=True), "length")
         return out
 
