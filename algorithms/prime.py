@@ -15,13 +15,16 @@ process part is summed from t to the end (γ = 1). ``process_coef`` / ``outcome_
 only their ratio matters after the loop's whitening). A group needs two samples at least (leave-one-out).
 
 ``Credit.values``: V̂(state before token t) = sigmoid(β Σ_{s<t} log-ratio), the implicit PRM's probability of
-success from that prefix (its implicit Q of the last token taken; 0.5 at the prompt, where the sum is empty).
+success from that prefix (its implicit Q of the last token taken; 0.5 at the prompt, where the sum is empty). The
+same of any prefix is ``state_values`` (the credit audit ranks alternative next steps by it). Its credit is what it
+learned (``learned``): the audit loads the PRM of a run's checkpoint (``prm/``) with π_ref = the model the run started
+from (``load_learned``), or trains one by ``rlzoo train`` with the policy frozen.
 
 Simplifies relative to the paper / verl recipe: no prompt filtering by accuracy (the paper keeps prompts with
 0.2 <= accuracy <= 0.8); the PRM is updated *after* the advantages of the iteration are taken (verl's
 ``update: after``; the paper's default updates before scoring), one CE pass per batch; the PRM and its reference
 score at temperature 1; no oversampling. The frozen reference's forward passes are not in the FLOPs the loop
-meters (only the PRM, ``estimator.critic``, is).
+meters, nor in the audit's compute (only the PRM, ``estimator.critic``, is: π_ref costs as much again).
 """
 
 from __future__ import annotations

@@ -23,6 +23,11 @@ mean is used, and agreement is exact equality), and ``se_threshold`` > 0 or ``un
 give the plain mean of all draws with most-uncertain-first allocation, which is biased (tests measure both).
 
 Simplifies relative to VinePPO: nothing else; the adaptive allocation is ours (the VinePPO paper uses a fixed K).
+The credit audit values alternative next steps by the same rule (``state_values``: the distinct states share the
+budget in adaptive rounds; a finished response is worth its reward) and shows ``k_first`` and ``budget`` beside the
+name. Where it stands against fixed K (the issue asks for K = 9's value MAE at half its MC tokens): it does not get
+there; the trade-off curve of MC tokens against value MAE, fixed K and adaptive settings, is in benchmarks/README.md
+("Adaptive Monte-Carlo budgets"), from ``python benchmarks/adaptive_mc_tradeoff.py``.
 Stats: ``mc_continuations`` (continuations drawn), ``mc_tokens`` (their tokens), ``mc_rounds``,
 ``mc_settled_frac`` (distinct states settled before the budget ran out), ``mc_k_mean`` (continuations per
 distinct state).

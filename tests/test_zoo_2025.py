@@ -8,8 +8,8 @@ from itertools import product
 import torch
 
 from rlzoo.algorithms import build_estimator
-from rlzoo.algorithms.vineppo import step_advantages
 from rlzoo.algorithms.vineppo_adaptive import gms_estimate
+from rlzoo.rollout import step_advantages
 from test_estimators import _toy_batch_and_ctx
 from toy import true_value
 
