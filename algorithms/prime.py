@@ -99,7 +99,11 @@ class PRIME(Estimator):
         start = runs.read_run(checkpoint.parent.parent).get("model")
         reference = str(default_policy_path()) if start == "default" else start or str(checkpoint / "policy")
         self.critic = _load_lm(str(checkpoint / "prm"), ctx.device).eval()
-        self.reference = _load_lm(reference, ctx.device).eval().requires_grad_(False)
+        try:
+            self.reference = _load_lm(reference, ctx.device).eval().requires_grad_(False)
+        except (OSError, ValueError) as e:  # a run started from a relative path elsewhere, a hub id offline
+            raise UserError(f"cannot load π_ref of {checkpoint}, the model its run started from ({reference!r}): "
+                            f"{str(e).splitlines()[0]}") from None
 
     @torch.no_grad()
     def state_values(self, states, problems, prompt_lens, ctx, rewards) -> torch.Tensor:  # [N]
