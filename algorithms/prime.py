@@ -15,28 +15,33 @@ process part is summed from t to the end (γ = 1). ``process_coef`` / ``outcome_
 only their ratio matters after the loop's whitening). A group needs two samples at least (leave-one-out).
 
 ``Credit.values``: V̂(state before token t) = sigmoid(β Σ_{s<t} log-ratio), the implicit PRM's probability of
-success from that prefix (its implicit Q of the last token taken; 0.5 at the prompt, where the sum is empty).
+success from that prefix (its implicit Q of the last token taken; 0.5 at the prompt, where the sum is empty). The
+same of any prefix is ``state_values`` (the credit audit ranks alternative next steps by it). Its credit is what it
+learned (``learned``): the audit loads the PRM of a run's checkpoint (``prm/``) with π_ref = the model the run started
+from (``load_learned``), or trains one by ``rlzoo train`` with the policy frozen.
 
 Simplifies relative to the paper / verl recipe: no prompt filtering by accuracy (the paper keeps prompts with
 0.2 <= accuracy <= 0.8); the PRM is updated *after* the advantages of the iteration are taken (verl's
 ``update: after``; the paper's default updates before scoring), one CE pass per batch; the PRM and its reference
 score at temperature 1; no oversampling. The frozen reference's forward passes are not in the FLOPs the loop
-meters (only the PRM, ``estimator.critic``, is).
+meters, nor in the audit's compute (only the PRM, ``estimator.critic``, is: π_ref costs as much again).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import gin
 import torch
 import torch.nn.functional as F
 
-from rlzoo import distributed
+from rlzoo import distributed, runs
 from rlzoo.algorithms import ESTIMATORS, Credit, Estimator
-from rlzoo.algorithms.grpo import group_mean_std
-from rlzoo.algorithms.rloo import rloo_advantages
+from rlzoo.algorithms.rloo import leave_one_out_mean, rloo_advantages
+from rlzoo.errors import UserError
 from rlzoo.ppo import batched_logprobs, forward_logprobs, minibatch_indices
+from rlzoo.seeds import Salt, derive_seed
 
 
 def prime_advantages(process_rewards: torch.Tensor, outcome: torch.Tensor, mask: torch.Tensor, group_ids: torch.Tensor,
@@ -44,8 +49,7 @@ def prime_advantages(process_rewards: torch.Tensor, outcome: torch.Tensor, mask:
     """PRIME's RLOO combination. process_rewards, mask: [B, L] (rewards 0 off the mask); outcome, group_ids: [B].
     Returns advantages [B, L] (0 off the mask) and the process returns [B, L]."""
     per_token = (process_rewards * mask).sum(-1) / mask.sum(-1).clamp(min=1)  # [B]: r̄^i
-    mean, _, size = group_mean_std(per_token, group_ids)
-    baseline = torch.where(size > 1, (mean * size - per_token) / (size - 1).clamp(min=1), torch.zeros_like(per_token))  # [B]
+    baseline = leave_one_out_mean(per_token, group_ids)  # [B]: mean_{j != i} r̄^j
     shaped = (process_rewards - baseline[:, None]) * mask  # [B, L]
     process_returns = shaped.flip(-1).cumsum(-1).flip(-1) * mask  # [B, L]: summed from t to the end
     outcome_adv = rloo_advantages(outcome, group_ids)  # [B]
@@ -68,16 +72,13 @@ class PRIME(Estimator):
     ranges = {**Estimator.ranges, "group_size": ">= 2", "beta": "> 0", "prm_lr": ">= 0", "prm_epochs": ">= 1",
               "prm_minibatches": ">= 1", "micro_batch_size": ">= 1", "max_grad_norm": "> 0", "process_coef": ">= 0",
               "outcome_coef": ">= 0"}
+    learned = True  # its credit is its implicit PRM, learned in training: an audit loads it (load_learned)
+    reference = None  # π_ref, frozen (setup / load_learned)
 
     def setup(self, ctx) -> None:
-        from transformers import AutoModelForCausalLM
-
-        from rlzoo.policy import disable_dropout
-
-        self.critic = disable_dropout(AutoModelForCausalLM.from_pretrained(ctx.model_path)).to(ctx.device)
+        self.critic = _load_lm(ctx.model_path, ctx.device)
         # π_ref: the same checkpoint, frozen; held outside ``critic`` so it is neither trained nor checkpointed.
-        self.reference = disable_dropout(AutoModelForCausalLM.from_pretrained(ctx.model_path)).to(ctx.device)
-        self.reference.eval().requires_grad_(False)
+        self.reference = _load_lm(ctx.model_path, ctx.device).eval().requires_grad_(False)
         self.trainer = ctx.prepare("prm", self.critic, lr=self.prm_lr, betas=(0.9, 0.999),
                                    max_grad_norm=self.max_grad_norm, micro_batch_size=self.micro_batch_size)
 
@@ -86,7 +87,45 @@ class PRIME(Estimator):
         return distributed.gather_rows(lambda rows: batched_logprobs(model, ids[rows.start : rows.stop], attn[rows.start : rows.stop],
                                                                      1.0, self.micro_batch_size), batch.size).float().cpu()
 
+    def load_learned(self, checkpoint: Path, ctx) -> None:
+        """The PRM of a checkpoint of a prime run (``prm/``, as the loop saves it) and its π_ref: the model the run
+        started from (run.json's "model"), or, for a checkpoint outside a run folder, the checkpoint's own policy."""
+        from rlzoo.policy import default_policy_path
+
+        checkpoint = Path(checkpoint)
+        if not (checkpoint / "prm" / "config.json").is_file():
+            raise UserError(f"{checkpoint} holds no prm/ (DeepSpeed runs save prm.zero/, which cannot be read outside "
+                            "training); give a prime run trained without --deepspeed")
+        start = runs.read_run(checkpoint.parent.parent).get("model")
+        reference = str(default_policy_path()) if start == "default" else start or str(checkpoint / "policy")
+        self.critic = _load_lm(str(checkpoint / "prm"), ctx.device).eval()
+        try:
+            self.reference = _load_lm(reference, ctx.device).eval().requires_grad_(False)
+        except (OSError, ValueError) as e:  # a run started from a relative path elsewhere, a hub id offline
+            raise UserError(f"cannot load π_ref of {checkpoint}, the model its run started from ({reference!r}): "
+                            f"{str(e).splitlines()[0]}") from None
+
+    @torch.no_grad()
+    def state_values(self, states, problems, prompt_lens, ctx, rewards) -> torch.Tensor:  # [N]
+        """The implicit PRM's V̂ of each state, as in ``Credit.values``: sigmoid(β Σ log π_φ/π_ref) over the state's
+        response tokens (its implicit Q of the last token taken; 0.5 for the prompt alone). A finished response is
+        valued by its whole sum, the PRM's prediction of its outcome (its reward is not looked at)."""
+        out = []
+        for i in range(0, len(states), self.micro_batch_size):
+            part = states[i : i + self.micro_batch_size]
+            ids = torch.zeros(len(part), max(map(len, part)), dtype=torch.long)  # [b, W] right-padded
+            attn, response = torch.zeros_like(ids), torch.zeros(ids.shape)  # [b, W]; response tokens of each state
+            for j, (s, n) in enumerate(zip(part, prompt_lens[i : i + len(part)])):
+                ids[j, : len(s)], attn[j, : len(s)], response[j, n : len(s)] = torch.tensor(s), 1, 1.0
+            ids, attn = ids.to(ctx.device), attn.to(ctx.device)
+            log_ratio = (batched_logprobs(self.critic, ids, attn, 1.0, self.micro_batch_size)
+                         - batched_logprobs(self.reference, ids, attn, 1.0, self.micro_batch_size)).float().cpu()  # [b, W]
+            out.append(torch.sigmoid(self.beta * (log_ratio * response).sum(-1)))
+        return torch.cat(out) if out else torch.zeros(0)
+
     def advantages(self, batch, ctx) -> Credit:
+        if self.reference is None:
+            raise RuntimeError("prime credits with its implicit PRM: call setup(ctx) (training) or load_learned (an audit) first")
         mask = batch.response_mask
         ref = self._logprobs(self.reference, batch, ctx.device)  # [B, L]
         batch.extra["prime_ref_logprobs"] = ref  # the PRM's update reuses them
@@ -109,7 +148,7 @@ class PRIME(Estimator):
         ref = batch.extra.get("prime_ref_logprobs")
         if ref is None:
             ref = self._logprobs(self.reference, batch, ctx.device)
-        generator = torch.Generator().manual_seed(ctx.seed * 1_000_003 + ctx.iteration * 7 + 5)
+        generator = torch.Generator().manual_seed(derive_seed(ctx.seed, ctx.iteration, Salt.PRM_MINIBATCHES))
         device, losses = ctx.device, []
         for rows in minibatch_indices(batch.size, self.prm_epochs, self.prm_minibatches, generator):
             micro_batches = distributed.split_rows(rows).split(self.micro_batch_size)
@@ -130,3 +169,12 @@ class PRIME(Estimator):
             self.trainer.step()
             losses.append(total)
         return {"critic/loss": sum(losses) / max(len(losses), 1)}
+
+
+def _load_lm(path: str, device) -> torch.nn.Module:
+    """A causal LM from a folder or hub id, dropout off (the PRM and π_ref score, they do not sample)."""
+    from transformers import AutoModelForCausalLM
+
+    from rlzoo.policy import disable_dropout
+
+    return disable_dropout(AutoModelForCausalLM.from_pretrained(path)).to(device)

@@ -32,6 +32,8 @@ import gin
 import torch
 
 from rlzoo.algorithms import ESTIMATORS, Credit, Estimator
+from rlzoo.rollout import first_occurrences
+from rlzoo.seeds import Salt, substream
 
 
 def sampling_logprobs(batch, ctx) -> torch.Tensor:
@@ -63,6 +65,21 @@ class SPOChain(Estimator):
     uses_rollouts: bool = True
     ranges = {**Estimator.ranges, "k": ">= 1", "prob_threshold": "in (0, 1]", "cutpoint_interval": ">= 1",
               "max_segments": ">= 1"}
+    report_options = ("k", "cutpoint_interval")
+
+    def mc_params(self, ctx):
+        """The sampler of the MC continuations: the training one, K per state, its own noise (not the rollouts')."""
+        return replace(ctx.sampling, n=self.k, seed=substream(ctx.sampling.seed, Salt.MC))
+
+    def state_values(self, states, problems, prompt_lens, ctx, rewards) -> torch.Tensor:  # [N]
+        """V̂(s) = mean reward of K continuations, as at a segment boundary (any state can start a segment); a
+        finished response is worth its reward."""
+        values = torch.tensor([r if r is not None else 0.0 for r in rewards], dtype=torch.float32)  # [N]
+        open_ = [i for i, r in enumerate(rewards) if r is None]
+        if open_:
+            values[open_] = ctx.values_by_rollouts([states[i] for i in open_], [problems[i] for i in open_],
+                                                   [prompt_lens[i] for i in open_], self.mc_params(ctx), purpose="mc")
+        return values
 
     def advantages(self, batch, ctx) -> Credit:
         low = (sampling_logprobs(batch, ctx).exp() < self.prob_threshold) & (batch.response_mask > 0)  # [B, L] cutpoints
@@ -74,8 +91,7 @@ class SPOChain(Estimator):
                 states.append(batch.input_ids[b, :position].tolist())
                 problems.append(batch.problems[b])
                 prompt_lens.append(int(batch.prompt_lens[b]))
-        mc_params = replace(ctx.sampling, n=self.k, seed=ctx.sampling.seed + 7919)  # not the policy rollouts' noise
-        values = ctx.values_by_rollouts(states, problems, prompt_lens, mc_params, purpose="mc").tolist() if states else []
+        values = ctx.values_by_rollouts(states, problems, prompt_lens, self.mc_params(ctx), purpose="mc").tolist() if states else []
 
         advantages = torch.zeros_like(batch.response_mask)  # [B, L]
         token_values = torch.zeros_like(batch.response_mask)  # [B, L]: V̂ of the segment each token is in
@@ -97,6 +113,6 @@ class SPOChain(Estimator):
         advantages *= batch.response_mask if loss_mask is None else loss_mask
         n_low = low.sum().item()
         return Credit(advantages=advantages, values=token_values * batch.response_mask, loss_mask=loss_mask,
-                      stats={"mc_states": len(states), "mc_unique_states": len({tuple(s) for s in states}),
+                      stats={"mc_states": len(states), "mc_unique_states": len(first_occurrences(states)),
                              "segments_mean": len(states) / max(batch.size, 1),
                              "cutpoint_frac": n_low / max(batch.response_mask.sum().item(), 1)})

@@ -17,9 +17,8 @@ advantage 0 are dropped). Rows share their prefix segments; the mask keeps a sha
 once per leaf below it.
 
 Simplifies relative to the paper and its code (AIFrameResearch/SPO): no replay buffer; no PAV / best-of-K prover
-term; the tree is sampled level by level in one engine call per level (its randomness differs with the number of
-processes, unlike the default sampling); ``group_size`` is the most leaves a prompt can have (the product of the
-branch factors), a prompt whose segments end early has fewer rows.
+term; the tree is sampled level by level in one engine call per level; ``group_size`` is the most leaves a prompt
+can have (the product of the branch factors), a prompt whose segments end early has fewer rows.
 """
 
 from __future__ import annotations
@@ -32,7 +31,9 @@ import torch
 
 from rlzoo import distributed
 from rlzoo.algorithms import ESTIMATORS, Credit, Estimator
-from rlzoo.engine import Completion
+from rlzoo.engine import Completion, context_length
+from rlzoo.seeds import Salt, derive_seed
+from rlzoo.tasks import encode_prompts
 
 
 @ESTIMATORS.register("spo_tree")
@@ -55,36 +56,45 @@ class SPOTree(Estimator):
         return math.prod(self.branch_factors)
 
     def sample(self, problems, ctx):
-        """Trees of segments for this rank's prompts (level by level), graded at their leaves, gathered whole."""
-        from rlzoo.rollout import build_batch
+        """Trees of segments for this rank's prompts (level by level), graded at their leaves, gathered whole.
+
+        As ``rollout.sample_groups``: prompts by ``encode_prompts`` (``ctx.prompt_tokenization``), each response
+        within its budget (``max_new_tokens``, less where the model's context is shorter), so every segment gets what
+        is left of it (``remaining_budgets``): a node that has used it up is a leaf. Level 0 draws the rollouts' noise
+        (seed, prompt index) as the default sampling does; level d >= 1 its own (``Salt.TREE_LEVEL``), each node keyed
+        by its index among all processes' open nodes, so the tree does not depend on the number of processes."""
+        from rlzoo.rollout import build_batch, remaining_budgets
 
         tokenizer, task, M = ctx.tokenizer, ctx.task, self.segment_tokens
-        prompt_ids = [tokenizer(task.prompt(p), add_special_tokens=True)["input_ids"] for p in problems]
+        prompt_ids = encode_prompts(tokenizer, task, problems, ctx.prompt_tokenization)
+        context = context_length(ctx.policy) if ctx.policy is not None else None
+        max_new = ctx.sampling.max_new_tokens
+        response_budget = remaining_budgets(prompt_ids, list(map(len, prompt_ids)), max_new, context)  # [P]
         mine = distributed.shard(len(problems))
-        budget = ctx.sampling.max_new_tokens
         leaves: list[list[tuple[tuple, Completion]]] = [[] for _ in mine]  # per prompt: (path, leaf completion)
         frontier = [((p,), []) for p in range(len(mine))]  # open nodes: (path, response tokens so far)
         generated = 0
         with ctx.watch("generation"), ctx.sampling_weights():
             for depth, branch in enumerate(self.branch_factors):
-                if not frontier:
+                # ranks meet: every rank's open nodes, so that each node draws the keys one process would give it
+                sizes = distributed.gather_objects(len(frontier))
+                if not sum(sizes):
                     break
                 last = depth == len(self.branch_factors) - 1
-                room = budget - depth * M  # every open node at this depth holds depth * M tokens
-                params = replace(ctx.sampling, n=branch, max_new_tokens=room if last else min(M, room),
-                                 seed=ctx.sampling.seed + 7919 * depth, first_index=mine.start if depth == 0 else 0)
                 states = [prompt_ids[mine.start + path[0]] + prefix for path, prefix in frontier]
-                out = ctx.engine.generate(states, params) if depth == 0 else ctx.engine.generate(
-                    states, replace(params, seed=(params.seed * 1_000_003 + mine.start) % (2**31 - 1)))
+                left = [response_budget[mine.start + path[0]] - len(prefix) for path, prefix in frontier]  # >= 1: open nodes
+                budgets = left if last else [min(M, b) for b in left]
+                seed = ctx.sampling.seed if depth == 0 else derive_seed(ctx.sampling.seed, depth, Salt.TREE_LEVEL)
+                first = mine.start if depth == 0 else sum(sizes[: distributed.rank()])
+                params = replace(ctx.sampling, n=branch, seed=seed, first_index=first)  # each node's budget: budgets
+                out = ctx.engine.generate(states, params, budgets=budgets) if states else []
                 nxt = []
-                for (path, prefix), group in zip(frontier, out):
+                for (path, prefix), group, budget in zip(frontier, out, left):
                     for j, c in enumerate(group):
                         generated += len(c.token_ids)
                         tokens = prefix + c.token_ids
-                        ends = last or c.finish_reason == "stop" or len(tokens) >= budget
-                        if ends:
-                            text = tokenizer.decode(prefix, skip_special_tokens=True) + c.text
-                            leaves[path[0]].append((path + (j,), Completion(tokens, text, c.finish_reason)))
+                        if last or c.finish_reason == "stop" or len(c.token_ids) >= budget:  # a leaf: the response ends here
+                            leaves[path[0]].append((path + (j,), Completion(tokens, self._text(tokenizer, task, tokens, c), c.finish_reason)))
                         else:
                             nxt.append((path + (j,), tokens))
                 frontier = nxt
@@ -95,13 +105,23 @@ class SPOTree(Estimator):
             paths = [[(mine.start + path[0],) + path[1:] for path, _ in group] for group in leaves]
             flat_problems = [problems[mine.start + p] for p, group in enumerate(completions) for _ in group]
             scores = task.score(flat_problems, [c.text for group in completions for c in group])
-            parts = distributed.gather_objects((completions, scores, paths, generated))
+            parts = distributed.gather_objects((completions, scores, paths, generated))  # ranks meet: the whole batch
             completions = [g for part in parts for g in part[0]]  # [P][leaves]
             scores = [s for part in parts for s in part[1]]
             batch = build_batch(tokenizer, task, problems, prompt_ids, completions, scores)
         batch.extra["tree_paths"] = [path for part in parts for group in part[2] for path in group]  # [B]: node path of each leaf
         ctx.tokens["policy"] += sum(part[3] for part in parts)  # tokens generated: shared segments once
         return batch
+
+    @staticmethod
+    def _text(tokenizer, task, tokens: list[int], last: Completion) -> str:
+        """A leaf's response text: all its tokens decoded together (a segment decoded alone may lose a word's leading
+        space), cut at the first stop string as the engine cuts it; a root-level leaf keeps the engine's text."""
+        if len(tokens) == len(last.token_ids):
+            return last.text
+        text = tokenizer.decode(tokens, skip_special_tokens=True)
+        cut = min((i for i in (text.find(s) for s in (task.stop or ())) if i >= 0), default=-1)
+        return text[:cut] if cut >= 0 else text
 
     def node_values(self, paths: list[tuple], scores: list[float]) -> dict[tuple, float]:
         """V of every node of the batch's trees: a leaf's reward; an internal node's mean of its children's values."""

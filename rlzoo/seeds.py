@@ -34,7 +34,11 @@ class Salt:
     EVAL = 29  # every evaluation's sampling
     # estimators, with (ctx.seed, ctx.iteration), or as a substream of ctx.sampling.seed
     CRITIC_MINIBATCHES = 1  # value_ppo's critic minibatch order: iteration strides by 7 there (salt + 7·iteration), as always
-    MC = 7919  # substream of ctx.sampling.seed for VinePPO's Monte-Carlo continuations: not the rollouts' noise
+    MC = 7919  # substream of ctx.sampling.seed for Monte-Carlo continuations (VinePPO, SPO-chain): not the rollouts' noise
+    MC_ROUND = 104_729  # vineppo_adaptive: round r of continuations draws from substream MC + r·MC_ROUND (fresh noise per round)
+    MC_ORDER = 31  # vineppo_adaptive, with (ctx.seed, ctx.iteration): the order in which a short budget serves unsettled states
+    PRM_MINIBATCHES = 37  # prime, with (ctx.seed, ctx.iteration): the implicit PRM's minibatch order
+    TREE_LEVEL = 41  # spo_tree, with (ctx.sampling.seed, depth): the segments of tree level depth >= 1 (level 0 is the rollouts')
     # rlzoo audit, with (audit seed, 0): a stride of 10_007 apart, as the audit's draws have always been
     AUDIT_RESPONSES = 1 * 10_007
     AUDIT_ESTIMATORS = 2 * 10_007  # ctx.sampling.seed of the estimators' own draws

@@ -310,3 +310,129 @@ def test_bad_input_is_one_line_and_exit_2(args, says, tiny_policy_path, tmp_path
     err = capsys.readouterr().err
     assert code == 2 and err.startswith("rlzoo: error: ") and says in err and err.count("\n") == 1, err
     assert not out.exists()
+
+
+# ----------------------------------------------------------------------------- the strategies of issue 15
+
+
+def test_toy_audit_covers_adaptive_mc_and_a_shape_owning_loss_masking_strategy():
+    """vineppo_adaptive values the alternatives by its own budget rule (state_values); spo_tree, which samples trees
+    in training, is credited on the audit's groups (each response one path of its tree) and ranks no alternatives."""
+    import gin
+
+    from rlzoo.config import apply_gin
+
+    tokenizer, task, engine, _ = toy()
+    problems = [Problem(f"toy/{i}", f"Q{i}", "") for i in range(6)]
+    cfg = AuditConfig(algos=("vineppo_adaptive", "spo_tree", "grpo"), problems=6, truth_samples=256, alternatives=4, resamples=200)
+    apply_gin([], ["vineppo_adaptive.group_size = 4", "grpo.group_size = 4", "spo_tree.branch_factors = (4,)"])
+    try:
+        result = audit(None, tokenizer, engine, task, problems, cfg)
+    finally:
+        gin.clear_config()
+    assert result["responses"]["responses"] == 24 and result["ranking"]["pairs_not_tied_in_truth"] > 0
+    adaptive, tree = result["strategies"]["vineppo_adaptive"], result["strategies"]["spo_tree"]
+    assert adaptive["options"] == {"k_first": 3, "budget": 4.5} and adaptive["compute"]["tokens_generated"] > 0
+    assert 0 <= adaptive["value_mae"]["mean"] < 0.35
+    assert adaptive["ranking_accuracy"]["mean"] > 0.6  # its MC values tell a "b" step (worth 0) from a "g" step
+    # spo_tree on a batch it did not sample: one root per prompt, valued by the mean of its leaves (the group mean)
+    assert tree["ranking_accuracy"]["mean"] == 0.5 and tree["compute"]["tokens_generated"] == 0
+    assert result["per_state"]["spo_tree/value"] == result["per_state"]["grpo/value"]
+    assert tree["sign_agreement"]["n"] > 0
+    from rlzoo.audit import tables
+
+    assert "vineppo_adaptive (k_first=3, budget=4.5)" in [row[0] for row in tables(result)[0][3]]
+
+
+def _prime_checkpoint(tiny_policy_path, tmp_path, record_model: bool):
+    """A prime run's checkpoint as the loop writes it: policy/ and prm/ (a PRM moved away from its start)."""
+    import shutil
+
+    from transformers import AutoModelForCausalLM
+
+    run = tmp_path / "prime-run"
+    checkpoint = run / "checkpoints" / "iter_000001"
+    shutil.copytree(tiny_policy_path, checkpoint / "policy")
+    prm = AutoModelForCausalLM.from_pretrained(tiny_policy_path)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in prm.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    prm.save_pretrained(checkpoint / "prm")
+    if record_model:
+        write_run(run, {"format": 1, "algo": "prime", "task": "arith", "model": str(tiny_policy_path), "seed": 0})
+    return checkpoint
+
+
+def test_prime_loads_its_prm_and_values_prefixes_as_its_credit_does(tiny_policy_path, tmp_path):
+    """prime's ``load_learned`` restores the PRM of a checkpoint and its π_ref (the run's start model); its
+    ``state_values`` of a prefix equals ``Credit.values`` at that position of a whole row; a finished response
+    is valued by the PRM's prediction of its outcome."""
+    from types import SimpleNamespace
+
+    from conftest import TINY_ARITH
+    from rlzoo.algorithms import build_estimator
+    from rlzoo.config import apply_gin
+    from rlzoo.engine import Completion
+    from rlzoo.policy import load_policy
+    from rlzoo.rollout import build_batch
+    from rlzoo.tasks import get_task
+
+    apply_gin([], TINY_ARITH)
+    policy, tokenizer = load_policy(str(tiny_policy_path))
+    task = get_task("arith")
+    checkpoint = _prime_checkpoint(tiny_policy_path, tmp_path, record_model=True)
+    prime, ctx = build_estimator("prime", group_size=2, beta=0.5, micro_batch_size=3), SimpleNamespace(device=torch.device("cpu"))
+    prime.load_learned(checkpoint, ctx)
+    assert all(torch.equal(a, b) for a, b in zip(prime.reference.state_dict().values(), policy.state_dict().values()))
+    assert not all(torch.equal(a, b) for a, b in zip(prime.critic.state_dict().values(), policy.state_dict().values()))
+
+    problems = task.problems("train")[:2]
+    prompt_ids = [tokenizer(task.prompt(p), add_special_tokens=True)["input_ids"] for p in problems]
+    responses = ["1+2=3\n", "7", "12\n", "4-1=3"]
+    completions = [[Completion(tokenizer(r, add_special_tokens=False)["input_ids"], r, "stop") for r in responses[2 * p : 2 * p + 2]]
+                   for p in range(2)]
+    batch = build_batch(tokenizer, task, problems, prompt_ids, completions, [1.0, 0.0, 0.0, 1.0])
+    credit = prime.advantages(batch, ctx)
+    rows = [(b, i) for b in range(batch.size) for i in range(int(batch.prompt_lens[b]), int(batch.last_token_index()[b]) + 1)]
+    alone = prime.state_values([batch.input_ids[b, :i].tolist() for b, i in rows], [batch.problems[b] for b, _ in rows],
+                               [int(batch.prompt_lens[b]) for b, _ in rows], ctx, [None] * len(rows))
+    assert torch.allclose(alone, torch.stack([credit.values[b, i] for b, i in rows]), atol=1e-5)
+    assert len(set(alone.tolist())) > 2  # the PRM tells prefixes apart
+    whole = [batch.input_ids[b, : int(batch.last_token_index()[b]) + 1].tolist() for b in range(batch.size)]
+    finished = prime.state_values(whole, batch.problems, batch.prompt_lens.tolist(), ctx, batch.scores.tolist())
+    log_ratio = prime._logprobs(prime.critic, batch, ctx.device) - prime._logprobs(prime.reference, batch, ctx.device)
+    assert torch.allclose(finished, torch.sigmoid(0.5 * (log_ratio * batch.response_mask).sum(-1)), atol=1e-5)
+
+    # a checkpoint outside a run folder: π_ref is its own policy; one without prm/ is one line
+    bare = _prime_checkpoint(tiny_policy_path, tmp_path / "bare", record_model=False)
+    build_estimator("prime").load_learned(bare, ctx)
+    (checkpoint / "prm" / "config.json").unlink()
+    with pytest.raises(UserError, match="no prm/"):
+        build_estimator("prime").load_learned(checkpoint, ctx)
+
+
+def test_smoke_audit_of_the_2025_strategies_trains_primes_prm_and_ranks_by_state_values(tiny_policy_path, tmp_path):
+    """Not slow (~10 s): the one test of a learned strategy other than ppo through `rlzoo audit`'s own training."""
+    out = tmp_path / "audit"
+    sets = SMALL + ["vineppo_adaptive.group_size=2", "spo_chain.group_size=2", "spo_chain.k=2", "spo_chain.cutpoint_interval=1",
+                    "prime.group_size=2", "spo_tree.branch_factors=(2,)", "spo_tree.segment_tokens=4"]
+    assert _cli("audit", "--algos", "vineppo_adaptive,spo_chain,spo_tree,prime,grpo", "--policy", tiny_policy_path,
+                "--problems", 4, "--truth-samples", 8, "--alternatives", 3, "--critic-iterations", 1, "--out", out,
+                *[x for b in sets for x in ("--set", b)]) == 0
+    result = json.loads((out / "audit.json").read_text())
+    assert list(result["strategies"]) == ["vineppo_adaptive", "spo_chain", "spo_tree", "prime", "grpo"]
+    assert list(result["critics"]) == ["prime"] and result["critics"]["prime"]["trained_here"]
+    assert (out / "critic-prime-1it" / "checkpoints" / "iter_000001" / "prm" / "config.json").is_file()
+    states = result["responses"]["states"]
+    for name, s in result["strategies"].items():
+        assert s["value_mae"]["n"] == states, name
+    prime = result["strategies"]["prime"]
+    assert prime["compute"]["forward_passes"] == result["responses"]["responses"]  # the PRM's rows
+    assert all(0 < v < 1 for v in result["per_state"]["prime/value"])  # sigmoid of the implicit reward
+    for name in ("vineppo_adaptive", "spo_chain"):
+        assert result["strategies"][name]["compute"]["tokens_generated"] > 0, name
+    assert result["strategies"]["spo_chain"]["options"] == {"k": 2, "cutpoint_interval": 1}
+    if result["ranking"]["pairs_not_tied_in_truth"]:  # strategies with state_values rank; a group baseline scores chance
+        assert result["strategies"]["spo_tree"]["ranking_accuracy"]["mean"] == 0.5
+        assert result["strategies"]["spo_chain"]["ranking_accuracy"]["mean"] is not None

@@ -129,24 +129,43 @@ def test_builtins_are_every_module_of_the_algorithms_package():
 
 
 def test_every_builtin_fills_credit_values_on_response_tokens():
-    """Credit.values: V̂ of the state before each response token, 0 elsewhere, for every built-in."""
+    """Credit.values: V̂ of the state before each response token, 0 elsewhere, for every built-in; a strategy that owns
+    the shape of its samples (``sample``) is credited on the batch it samples itself, as the loop would."""
+    import dataclasses
+
     import torch
 
-    from rlzoo.algorithms import ESTIMATORS, build_estimator
+    from rlzoo.algorithms import ESTIMATORS, Estimator, build_estimator
     from test_estimators import _toy_batch_and_ctx
 
-    batch, ctx = _toy_batch_and_ctx(0, 4)
-    baselines = {"grpo": batch.scores.view(2, 4).mean(1).repeat_interleave(4), "reinforce": torch.zeros(8)}
+    def with_logprobs(batch):  # as the loop fills them before the credit: some tokens sure, some not (SPO-chain's cutpoints)
+        gen = torch.Generator().manual_seed(0)
+        batch.old_logprobs = torch.rand(batch.response_mask.shape, generator=gen).log() * batch.response_mask  # [B, L]
+        return batch
+
+    toy_batch, ctx = _toy_batch_and_ctx(0, 4)
+    toy_batch = with_logprobs(toy_batch)
+    baselines = {"grpo": toy_batch.scores.view(2, 4).mean(1).repeat_interleave(4), "reinforce": torch.zeros(8)}
+    owners = []
     for name in ESTIMATORS.names():
-        estimator = build_estimator(name, group_size=4)
+        settable = "group_size" in {f.name for f in dataclasses.fields(ESTIMATORS.get(name))}
+        estimator = build_estimator(name, **({"group_size": 4} if settable else {}))
         if estimator.learned:
             continue  # a critic: covered in test_audit (state_values, load_learned) and by the smoke audit
+        batch = toy_batch
+        if type(estimator).sample is not Estimator.sample:  # it samples its own shape: from the toy's prompts
+            owners.append(name)
+            batch = with_logprobs(estimator.sample(toy_batch.problems[::4], ctx))
+            assert 2 <= batch.size <= 2 * estimator.group_size and batch.group_ids.unique().tolist() == [0, 1], name
         credit = estimator.advantages(batch, ctx)
         assert credit.values is not None and credit.values.shape == batch.response_mask.shape, name
         assert (credit.values * (1 - batch.response_mask)).abs().sum() == 0, name
+        if credit.loss_mask is not None:
+            assert (credit.loss_mask * (1 - batch.response_mask)).abs().sum() == 0, name
         if name in baselines:  # one value per response: its baseline
             first = batch.prompt_lens
             assert torch.allclose(credit.values[torch.arange(8), first], baselines[name]), name
+    assert owners  # the contract's sample() is exercised (spo_tree)
 
 
 # ------------------------------------------------------------------------------------ a third-party estimator

@@ -156,6 +156,18 @@ def test_vineppo_mc_values_split_over_two_ranks_equal_one_process(tiny_policy_pa
 
 
 @pytest.mark.slow
+def test_spo_tree_sampled_over_two_ranks_equals_one_process(tiny_policy_path, tmp_path):
+    # A strategy that owns the shape of its samples: each level's nodes draw the keys one process gives them.
+    tree = ["spo_tree.branch_factors = (2, 2)", "spo_tree.segment_tokens = 4"]
+    _two_ranks(_args("spo_tree", tiny_policy_path, tmp_path / "two", tree))
+    _one_process(_args("spo_tree", tiny_policy_path, tmp_path / "one", tree))
+    two, one = _comparable(tmp_path / "two"), _comparable(tmp_path / "one")
+    _assert_same_metrics(two, one)  # credit/tree_* (the tree's shape and values), tokens/policy, losses ...
+    assert all(r["credit/tree_edges"] > r["credit/tree_leaves"] for r in two if r["kind"] == "train")  # a tree, not groups
+    _assert_same_weights(_weights(tmp_path / "two"), _weights(tmp_path / "one"))
+
+
+@pytest.mark.slow
 def test_two_rank_run_killed_mid_way_resumes_to_the_same_metrics(grpo_two_ranks, tmp_path):
     reference, args = grpo_two_ranks
     run_dir = tmp_path / "killed"

@@ -8,8 +8,8 @@ from itertools import product
 import torch
 
 from rlzoo.algorithms import build_estimator
-from rlzoo.algorithms.vineppo import step_advantages
 from rlzoo.algorithms.vineppo_adaptive import gms_estimate
+from rlzoo.rollout import step_advantages
 from test_estimators import _toy_batch_and_ctx
 from toy import true_value
 
@@ -249,22 +249,22 @@ def test_prime_needs_two_samples_per_prompt():
 class SegmentingEngine(__import__("toy").KnownPolicyEngine):
     """The toy policy, stopping at ``max_new_tokens`` ("length") as a real engine does: SPO-tree cuts segments so."""
 
-    def generate(self, prompts, params):
+    def generate(self, prompts, params, budgets=None):
         out = super().generate(prompts, params)
-        for group in out:
+        for group, budget in zip(out, budgets or [params.max_new_tokens] * len(out)):
             for j, c in enumerate(group):
-                if len(c.token_ids) > params.max_new_tokens:
-                    ids = c.token_ids[: params.max_new_tokens]
+                if len(c.token_ids) > budget:
+                    ids = c.token_ids[:budget]
                     group[j] = type(c)(ids, self.tokenizer.decode(ids, skip_special_tokens=True), "length")
         return out
 
 
-def _tree_batch(seed, branch_factors=(3, 3, 3)):
+def _tree_batch(seed, branch_factors=(3, 3, 3), engine=None, policy=None):
     from rlzoo.engine import SamplingParams
     from rlzoo.tasks import Problem
 
     _, ctx = _toy_batch_and_ctx(seed, 0)
-    ctx.engine = SegmentingEngine(ctx.tokenizer, ctx.engine.prompt_len)
+    ctx.engine, ctx.policy = (engine or SegmentingEngine)(ctx.tokenizer, ctx.engine.prompt_len), policy
     ctx.sampling = SamplingParams(n=1, seed=seed, max_new_tokens=8)
     est = build_estimator("spo_tree", branch_factors=branch_factors, segment_tokens=2)  # one toy step per segment
     batch = est.sample([Problem(f"toy/{i}", "Q", "") for i in range(2)], ctx)
@@ -342,3 +342,27 @@ def test_spo_chain_takes_token_probabilities_from_the_policy_when_the_batch_has_
     with_ = est.advantages(batch, ctx)
     assert torch.equal(without.loss_mask, with_.loss_mask) and without.loss_mask.sum() > 0
     assert torch.equal(without.advantages, with_.advantages)
+
+
+def test_spo_tree_keeps_every_response_within_its_budget_and_the_models_context():
+    """As the default sampling: prompts by encode_prompts, each response within max_new_tokens and never past the
+    model's context; every segment asks the engine for no more than what is left of its response's budget."""
+    from types import SimpleNamespace
+
+    from rlzoo.tasks import Problem, encode_prompts
+
+    _, batch_ctx = _toy_batch_and_ctx(0, 0)
+    prompt_len = len(encode_prompts(batch_ctx.tokenizer, batch_ctx.task, [Problem("toy/0", "Q", "")])[0])
+    asked = []
+
+    class Recording(SegmentingEngine):
+        def generate(self, prompts, params, budgets=None):
+            asked.extend(zip(map(len, prompts), budgets))
+            return super().generate(prompts, params, budgets)
+
+    for context, longest in ((None, 7), (prompt_len + 5, 5)):  # the toy's responses: 6 tokens and EOS
+        est, batch, ctx = _tree_batch(1, engine=Recording, policy=SimpleNamespace(config=SimpleNamespace(max_position_embeddings=context)))
+        assert batch.prompt_lens.tolist() == [prompt_len] * batch.size
+        assert int(batch.response_lens().max()) == longest and batch.size == 2 * 27  # segments of 2, 2 and the rest
+        assert all(n + b <= (context or 10**9) and n - prompt_len + b <= 8 for n, b in asked)
+        asked.clear()
