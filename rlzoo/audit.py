@@ -60,11 +60,12 @@ import torch
 from rlzoo import reporting, runs
 from rlzoo.reporting import bootstrap_ci, ci_text  # noqa: F401  bootstrap_ci: the audit's intervals
 from rlzoo.algorithms import ESTIMATORS, Estimator, build_estimator
-from rlzoo.engine import SamplingParams
+from rlzoo.engine import SamplingParams, context_length
 from rlzoo.errors import UserError
-from rlzoo.rollout import EstimatorContext, RolloutBatch, build_batch, first_occurrences, step_advantages, step_token_starts
+from rlzoo.rollout import (EstimatorContext, RolloutBatch, build_batch, first_occurrences, remaining_budgets, step_advantages,
+                           step_token_starts)
 from rlzoo.seeds import Salt, derive_seed
-from rlzoo.tasks import Problem, Task
+from rlzoo.tasks import Problem, Task, encode_prompts, fit_to_context
 
 CONFIDENCE = reporting.CONFIDENCE
 MC_CHUNK = 64  # distinct states per Monte-Carlo engine call: bounds the completions held in memory at once
@@ -79,6 +80,7 @@ class AuditConfig:
     alternatives: int = 5  # next steps drawn from every state for the ranking metric
     temperature: float = 0.6  # sampler of responses, continuations and alternatives (the training one)
     top_p: float = 0.9  # its nucleus mass
+    max_new_tokens: int = 0  # response budget in tokens (0: the task's; `rlzoo audit` sets train.max_new_tokens when bound)
     seed: int = 0  # every random draw of the audit derives from it
     resamples: int = 2000  # bootstrap resamples behind every confidence interval
 
@@ -185,10 +187,12 @@ def next_step(tokenizer, task: Task, state: list[int], prompt_len: int, continua
 
 
 def draw_alternatives(engine, tokenizer, task: Task, states: list[list[int]], prompt_lens: list[int], sources: list[int],
-                      params: SamplingParams) -> tuple[list[int], list[list[int]], list[bool]]:
+                      params: SamplingParams, context: int | None = None) -> tuple[list[int], list[list[int]], list[bool]]:
     """From each state ``states[i]`` for i in ``sources``, ``params.n`` continuations cut after one step. Returns,
     per distinct result of each source: the source (state index), its tokens, and whether the response finished."""
-    completions = engine.generate([states[i] for i in sources], params)  # [len(sources)][n]
+    # Each alternative gets what is left of its response's budget, as an MC continuation does (never past the context).
+    budgets = remaining_budgets([states[i] for i in sources], [prompt_lens[i] for i in sources], params.max_new_tokens, context)
+    completions = engine.generate([states[i] for i in sources], params, budgets=budgets)  # [len(sources)][n]
     alt_source, alt_tokens, alt_finished = [], [], []
     for i, group in zip(sources, completions):
         distinct: dict[tuple, None] = {}  # (tokens, finished) in the order drawn
@@ -225,7 +229,8 @@ def audit(policy, tokenizer, engine, task: Task, problems: list[Problem], cfg: A
     estimators = estimators if estimators is not None else {a: build_estimator(a) for a in cfg.algos}
     checkpoints = checkpoints or {}
     group = max(e.group_size for e in estimators.values())  # responses per problem, shared by every strategy
-    sampler = SamplingParams(n=group, temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=task.max_new_tokens, stop=task.stop)
+    budget = cfg.max_new_tokens or task.max_new_tokens  # tokens of one response
+    sampler = SamplingParams(n=group, temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=budget, stop=task.stop)
     seed = lambda salt: derive_seed(cfg.seed, 0, salt)  # noqa: E731  one seed per purpose
     counted = CountingEngine(engine)
     ctx = EstimatorContext(policy=policy, tokenizer=tokenizer, engine=counted, task=task,
@@ -236,8 +241,14 @@ def audit(policy, tokenizer, engine, task: Task, problems: list[Problem], cfg: A
                 raise UserError(f"{name!r} credits with what it learned in training: give a checkpoint of one of its runs")
             estimator.load_learned(checkpoints[name], ctx)
 
-    # 1. Responses; every step boundary of every response is a state (row b, step t, tokens).
-    prompt_ids = [tokenizer(task.prompt(p), add_special_tokens=True)["input_ids"] for p in problems]
+    # 1. Responses; every step boundary of every response is a state (row b, step t, tokens). Problems whose prompt
+    #    leaves the model too little room for a response are dropped first, as in training (rlzoo.tasks.fit_to_context).
+    context = context_length(policy) if policy is not None else None  # (a toy audit runs no model)
+    problems, dropped = fit_to_context(tokenizer, task, problems, context, budget)
+    if not problems:
+        raise UserError(f"no {task.name} problem leaves the model room for a {budget}-token response ({len(dropped)} dropped): "
+                        "lower train.max_new_tokens")
+    prompt_ids = encode_prompts(tokenizer, task, problems)
     completions = engine.generate(prompt_ids, replace(sampler, seed=seed(Salt.AUDIT_RESPONSES)))  # [P][G]
     scores = task.score([p for p, g in zip(problems, completions) for _ in g], [c.text for g in completions for c in g])
     batch = build_batch(tokenizer, task, problems, prompt_ids, completions, scores)
@@ -255,7 +266,8 @@ def audit(policy, tokenizer, engine, task: Task, problems: list[Problem], cfg: A
     # 2. Alternatives: from every distinct state, cfg.alternatives continuations cut after one step.
     sources = list(distinct_states.values())  # index of each distinct state's first occurrence
     alt_source, alt_tokens, alt_finished = draw_alternatives(engine, tokenizer, task, states, state_prompt_lens, sources,
-                                                             replace(sampler, n=cfg.alternatives, seed=seed(Salt.AUDIT_ALTERNATIVES)))
+                                                             replace(sampler, n=cfg.alternatives, seed=seed(Salt.AUDIT_ALTERNATIVES)),
+                                                             context)
     alt_problems = [state_problems[i] for i in alt_source]
     alt_prompt_lens = [state_prompt_lens[i] for i in alt_source]
     ends = [a for a, f in enumerate(alt_finished) if f]  # finished responses: their value is their reward
@@ -336,7 +348,8 @@ def audit(policy, tokenizer, engine, task: Task, problems: list[Problem], cfg: A
     pairs = sum(len(pairwise_ranking(alt_truth[a], alt_truth[a])) for a in pair_sources)  # pairs not tied in truth
     return {
         "task": task.name,
-        "settings": asdict(cfg) | {"algos": list(estimators), "group_size": group, "max_new_tokens": task.max_new_tokens},
+        "settings": asdict(cfg) | {"algos": list(estimators), "group_size": group, "max_new_tokens": budget,
+                                         "dropped_problems": len(dropped)},
         "responses": {"problems": len(problems), "responses": batch.size, "mean_reward": float(batch.scores.mean()),
                       "states": len(states), "distinct_states": len(distinct_states),
                       "mean_steps": len(states) / batch.size, "truncated": sum(r == "length" for r in batch.finish_reasons)},
@@ -507,7 +520,7 @@ def run_audit(task_name: str, out: Path, cfg: AuditConfig, policy: str | None = 
                          # what the critic cost in training: its update, per iteration (inference is in compute)
                          "update_seconds_per_iteration": float(np.mean([r.get("time/critic", np.nan) for r in trains])) if trains else None}
 
-    cfg = replace(cfg, temperature=train_cfg.temperature, top_p=train_cfg.top_p)
+    cfg = replace(cfg, temperature=train_cfg.temperature, top_p=train_cfg.top_p, max_new_tokens=cfg.max_new_tokens or train_cfg.max_new_tokens)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     policy_model, tokenizer = load_policy(model, device=device)
     engine = ENGINES.get(train_cfg.engine)(policy_model, tokenizer, max_batch_size=train_cfg.engine_batch_size)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from rlzoo import runs
-from rlzoo.algorithms import ESTIMATORS
+from rlzoo.algorithms import ESTIMATORS, build_estimator
 from rlzoo.cli import main
 from rlzoo.engine import SamplingParams
 from rlzoo.engine.torch_engine import TorchEngine
@@ -254,3 +254,29 @@ def test_vineppo_asks_the_engine_for_each_states_budget(llama, mode):
         assert budgets == [96 - (len(s) - len(prompt)) for s in states]
     else:  # the reference's min(max_new_tokens, context - state): the full budget wherever the context has room
         assert budgets == [min(96, 256 - len(s)) for s in states] and set(budgets) == {96}
+
+
+def test_the_audit_drops_long_prompts_and_gives_alternatives_the_remaining_budget(llama):
+    """The credit audit on MATH with a 256-position model: problems whose prompt leaves no room for the response
+    budget are dropped (counted in its settings), and every alternative next step is drawn with what is left of its
+    response's budget, never past the context."""
+    from rlzoo.audit import AuditConfig, audit
+
+    policy, tokenizer = load_policy(llama)
+    task, budget = get_task("math"), 48
+    problems = task.problems("test")[:40]
+    engine = TorchEngine(policy, tokenizer)
+    seen = []
+    generate = engine.generate
+    engine.generate = lambda prompts, params, budgets=None: (seen.append((prompts, params.max_new_tokens, budgets))
+                                                             or generate(prompts, params, budgets))
+    cfg = AuditConfig(algos=("grpo", "vineppo"), truth_samples=2, alternatives=2, max_new_tokens=budget)
+    estimators = {"grpo": build_estimator("grpo", group_size=2), "vineppo": build_estimator("vineppo", group_size=2, k=2)}
+    result = audit(policy, tokenizer, engine, task, problems, cfg, estimators=estimators)
+    kept, dropped = fit_to_context(tokenizer, task, problems, 256, budget)
+    assert dropped and result["settings"]["dropped_problems"] == len(dropped) and result["settings"]["max_new_tokens"] == budget
+    assert len(seen[0][0]) == len(kept)  # the responses: one prompt per kept problem
+    alternatives = [(prompts, budgets) for prompts, n, budgets in seen[1:] if budgets is not None]
+    assert alternatives
+    for prompts, budgets in alternatives:
+        assert all(len(p) + b <= 256 and b <= budget for p, b in zip(prompts, budgets))
