@@ -32,6 +32,7 @@ import gin
 import torch
 
 from rlzoo.algorithms import ESTIMATORS, Credit, Estimator
+from rlzoo.algorithms.vineppo import mc_state_values
 from rlzoo.rollout import first_occurrences
 from rlzoo.seeds import Salt, substream
 
@@ -74,12 +75,7 @@ class SPOChain(Estimator):
     def state_values(self, states, problems, prompt_lens, ctx, rewards) -> torch.Tensor:  # [N]
         """V̂(s) = mean reward of K continuations, as at a segment boundary (any state can start a segment); a
         finished response is worth its reward."""
-        values = torch.tensor([r if r is not None else 0.0 for r in rewards], dtype=torch.float32)  # [N]
-        open_ = [i for i, r in enumerate(rewards) if r is None]
-        if open_:
-            values[open_] = ctx.values_by_rollouts([states[i] for i in open_], [problems[i] for i in open_],
-                                                   [prompt_lens[i] for i in open_], self.mc_params(ctx), purpose="mc")
-        return values
+        return mc_state_values(states, problems, prompt_lens, rewards, ctx, self.mc_params(ctx))
 
     def advantages(self, batch, ctx) -> Credit:
         low = (sampling_logprobs(batch, ctx).exp() < self.prob_threshold) & (batch.response_mask > 0)  # [B, L] cutpoints

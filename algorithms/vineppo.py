@@ -30,6 +30,35 @@ from rlzoo.rollout import first_occurrences, step_advantages
 from rlzoo.seeds import Salt, substream
 
 
+def step_credit(batch, step_values: list[list[float]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token advantages and values [B, L] from the values of each response's valued step-boundary states: every
+    token of step t gets A_t = V̂(s_{t+1}) - V̂(s_t) and V̂(s_t); states past the valued ones (``max_valued_steps``)
+    take the final reward as their value. 0 outside the response mask."""
+    advantages = torch.zeros_like(batch.response_mask)  # [B, L]
+    token_values = torch.zeros_like(batch.response_mask)  # [B, L]: V̂ of the step each token is in
+    final = batch.token_rewards.sum(-1).tolist()  # [B]
+    last = batch.last_token_index().tolist()  # [B]
+    for b in range(batch.size):
+        starts = batch.step_starts[b]
+        vals = step_values[b] + [final[b]] * (len(starts) - len(step_values[b]))  # capped states: V = R
+        ends = starts[1:] + [last[b] + 1]
+        for start, end, a, v in zip(starts, ends, step_advantages(vals, final[b]), vals):
+            advantages[b, start:end] = a
+            token_values[b, start:end] = v
+    return advantages * batch.response_mask, token_values * batch.response_mask
+
+
+def mc_state_values(states, problems, prompt_lens, rewards, ctx, params) -> torch.Tensor:  # [N]
+    """V̂(s) = the mean reward of ``params.n`` continuations from each open state; a finished response (``rewards[i]``
+    set) is worth its reward, as every rollout from it returns it."""
+    values = torch.tensor([r if r is not None else 0.0 for r in rewards], dtype=torch.float32)  # [N]
+    open_ = [i for i, r in enumerate(rewards) if r is None]
+    if open_:
+        values[open_] = ctx.values_by_rollouts([states[i] for i in open_], [problems[i] for i in open_],
+                                               [prompt_lens[i] for i in open_], params, purpose="mc")
+    return values
+
+
 @ESTIMATORS.register("vineppo")
 @gin.configurable("vineppo")
 @dataclass
@@ -48,12 +77,7 @@ class VinePPO(Estimator):
 
     def state_values(self, states, problems, prompt_lens, ctx, rewards) -> torch.Tensor:  # [N]
         """V̂(s) = mean reward of K continuations; a finished response is worth its reward (every rollout from it returns it)."""
-        values = torch.tensor([r if r is not None else 0.0 for r in rewards], dtype=torch.float32)  # [N]
-        open_ = [i for i, r in enumerate(rewards) if r is None]
-        if open_:
-            values[open_] = ctx.values_by_rollouts([states[i] for i in open_], [problems[i] for i in open_],
-                                                   [prompt_lens[i] for i in open_], self.mc_params(ctx), purpose="mc")
-        return values
+        return mc_state_values(states, problems, prompt_lens, rewards, ctx, self.mc_params(ctx))
 
     def __post_init__(self):
         super().__post_init__()
@@ -79,18 +103,7 @@ class VinePPO(Estimator):
         step_values: list[list[float]] = [[] for _ in range(batch.size)]
         for (b, t), v in zip(where, values):
             step_values[b].append(v)
-        advantages = torch.zeros_like(batch.response_mask)  # [B, L]
-        token_values = torch.zeros_like(batch.response_mask)  # [B, L]: V̂ of the step each token is in
-        final = batch.token_rewards.sum(-1).tolist()  # [B]
-        last = batch.last_token_index().tolist()  # [B]
-        for b in range(batch.size):
-            starts = batch.step_starts[b]
-            vals = step_values[b] + [final[b]] * (len(starts) - len(step_values[b]))  # capped states: V = R
-            ends = starts[1:] + [last[b] + 1]
-            for start, end, a, v in zip(starts, ends, step_advantages(vals, final[b]), vals):
-                advantages[b, start:end] = a
-                token_values[b, start:end] = v
-        advantages *= batch.response_mask
-        return Credit(advantages=advantages, values=token_values * batch.response_mask,
+        advantages, token_values = step_credit(batch, step_values)
+        return Credit(advantages=advantages, values=token_values,
                       stats={"mc_states": len(states), "mc_unique_states": len(first_occurrences(states)),
                              "mc_value_mean": sum(values) / max(len(values), 1)})

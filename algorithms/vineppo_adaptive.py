@@ -43,7 +43,8 @@ import gin
 import torch
 
 from rlzoo.algorithms import ESTIMATORS, Credit, Estimator
-from rlzoo.rollout import first_occurrences, step_advantages
+from rlzoo.algorithms.vineppo import step_credit
+from rlzoo.rollout import first_occurrences
 from rlzoo.seeds import Salt, derive_seed, substream
 
 
@@ -156,18 +157,7 @@ class AdaptiveVinePPO(Estimator):
         step_values: list[list[float]] = [[] for _ in range(batch.size)]
         for b, u in where:
             step_values[b].append(values[u])
-        advantages = torch.zeros_like(batch.response_mask)  # [B, L]
-        token_values = torch.zeros_like(batch.response_mask)  # [B, L]: V̂ of the step each token is in
-        final = batch.token_rewards.sum(-1).tolist()  # [B]
-        last = batch.last_token_index().tolist()  # [B]
-        for b in range(batch.size):
-            starts = batch.step_starts[b]
-            vals = step_values[b] + [final[b]] * (len(starts) - len(step_values[b]))  # capped states: V = R
-            ends = starts[1:] + [last[b] + 1]
-            for start, end, a, v in zip(starts, ends, step_advantages(vals, final[b]), vals):
-                advantages[b, start:end] = a
-                token_values[b, start:end] = v
-        advantages *= batch.response_mask
-        return Credit(advantages=advantages, values=token_values * batch.response_mask,
+        advantages, token_values = step_credit(batch, step_values)
+        return Credit(advantages=advantages, values=token_values,
                       stats={**stats, "mc_states": len(where), "mc_unique_states": len(distinct),
                              "mc_value_mean": sum(values) / max(len(values), 1)})

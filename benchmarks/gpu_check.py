@@ -209,7 +209,6 @@ def main(argv=None) -> int:
     records, failed = [], False
 
     def report(record: dict) -> None:
-        nonlocal failed
         records.append(record)
         print(json.dumps(record), flush=True)
 

@@ -54,10 +54,9 @@ import numpy as np
 from scipy import stats
 
 from rlzoo.errors import UserError
-from rlzoo.reporting import (  # noqa: F401  PROVENANCE_PACKAGES, provenance: read here by callers of old
+from rlzoo.reporting import (
     ALPHA,
     CONFIDENCE,
-    PROVENANCE_PACKAGES,
     html_tables,
     jsonable,
     md_table,
@@ -65,7 +64,7 @@ from rlzoo.reporting import (  # noqa: F401  PROVENANCE_PACKAGES, provenance: re
     mean_ci,
     provenance,
 )
-from rlzoo.runs import Run, find_runs, load_run  # noqa: F401  the run folders a leaderboard reads (rlzoo.runs)
+from rlzoo.runs import Run, load_run
 N_MATCHED_LEVELS = 5  # train-accuracy levels in the generalization table
 GRID_POINTS = 400  # common time / iteration grid for mean curves
 PLOTS = ("acc_vs_time", "acc_vs_flops", "acc_vs_iterations", "test_vs_train", "kl_vs_acc")

@@ -106,7 +106,8 @@ def test_the_report_joins_the_leaderboard_page(tmp_path):
     from test_leaderboard import write_run_folder
 
     from rlzoo.audit import leaderboard_sections, write_report
-    from rlzoo.leaderboard import PLOTS, find_runs, write_leaderboard
+    from rlzoo.leaderboard import PLOTS, write_leaderboard
+    from rlzoo.runs import find_runs
 
     board = tmp_path / "leaderboard"
     write_report(toy_audit(), board / "audit")

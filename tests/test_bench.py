@@ -29,7 +29,8 @@ from rlzoo.bench import (
 )
 from rlzoo.cli import main
 from rlzoo.errors import UserError
-from rlzoo.leaderboard import PLOTS, load_run, summarize_tuning, tuning_score, tuning_table
+from rlzoo.leaderboard import PLOTS, summarize_tuning, tuning_score, tuning_table
+from rlzoo.runs import load_run
 from rlzoo.runs import read_jsonl, read_run
 from rlzoo.tasks import TASKS
 from test_leaderboard import write_run_folder

@@ -12,12 +12,11 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from rlzoo import leaderboard, reporting
+from rlzoo import reporting
 from rlzoo.cli import main
 from rlzoo.leaderboard import (
     PLOTS,
     common_levels,
-    find_runs,
     first_crossing,
     mean_ci,
     seeds_to_separate,
@@ -25,7 +24,7 @@ from rlzoo.leaderboard import (
     tables,
     welch,
 )
-from rlzoo.runs import append_jsonl, write_run
+from rlzoo.runs import append_jsonl, find_runs, write_run
 
 
 def write_run_folder(run_dir, algo, seed, evals, task="arith", status="finished", s_per_iter=1.0, mc_tokens=0, ood=None,

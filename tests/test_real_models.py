@@ -188,7 +188,8 @@ def test_a_run_drops_long_prompts_warns_of_the_tokenization_and_records_both(lla
     assert info["dropped_problems"]["train"] > 0 and "rlzoo: dropped problems" in out
     assert "rlzoo: warning:" in out and "train.prompt_tokenization = 'joint'" in out
     assert info["prompt_tokenization_mismatch"]["sampled"] == 64
-    from rlzoo.leaderboard import caveats, load_run
+    from rlzoo.leaderboard import caveats
+    from rlzoo.runs import load_run
 
     (line,) = [c for c in caveats({"vineppo": [load_run(tmp_path)]}, "ppo") if "dropped" in c]
     assert json.dumps(info["dropped_problems"]["train"]) in line
