@@ -468,12 +468,12 @@ def train_learned(algo: str, model: str, task: str, iterations: int, run_dir: Pa
 # ----------------------------------------------------------------------------------- the command
 
 
-def run_audit(task_name: str, out: Path, cfg: AuditConfig, policy: str | None = None, critic: Path | None = None,
+def run_audit(task_name: str, out: Path, cfg: AuditConfig, policy: str | None = None, critics: list[Path] = (),
               critic_iterations: int = 20, command: str = "") -> dict:
-    """``rlzoo audit``: check the inputs, get what each ``learned`` strategy needs (``critic``'s checkpoint for its
-    strategy, or a run trained here for ``critic_iterations``), audit the policy on the task's held-out problems, and
-    write the report into ``out``. ``policy`` defaults to the critic run's policy when ``critic`` is given, else the
-    built-in default."""
+    """``rlzoo audit``: check the inputs, get what each ``learned`` strategy needs (the latest checkpoint of its run
+    among ``critics``, or a run trained here for ``critic_iterations``), audit the policy on the task's held-out
+    problems, and write the report into ``out``. ``policy`` defaults to the first critic run's policy when one is
+    given, else the built-in default."""
     import gin
 
     from rlzoo.engine import ENGINES
@@ -492,12 +492,17 @@ def run_audit(task_name: str, out: Path, cfg: AuditConfig, policy: str | None = 
         raise UserError(f"--problems {cfg.problems}: audit at least 1 problem")
     task = get_task(task_name)
     learned = [name for name, e in estimators.items() if e.learned]
-    checkpoints = dict([learned_checkpoint(Path(critic), task_name, learned)]) if critic is not None else {}
+    critic_algos = [runs.read_run(Path(run)).get("algo") for run in critics]
+    twice = sorted({a for a in critic_algos if a is not None and critic_algos.count(a) > 1})
+    if twice:
+        raise UserError(f"--critic names more than one {' and '.join(twice)} run; give one run per strategy")
+    checkpoints = dict(learned_checkpoint(Path(run), task_name, learned) for run in critics)
     untrained = [name for name in learned if name not in checkpoints]
     if untrained and critic_iterations < 1:
         raise UserError(f"{', '.join(untrained)}'s credit needs a critic: pass --critic RUN (a run of it) or --critic-iterations N > 0 "
                         "to train one")
-    model = policy_to_load(policy or (str(critic) if critic is not None else "default"), task_name)
+    given = policy or (str(critics[0]) if critics else "default")  # the policy audited, as named
+    model = policy_to_load(given, task_name)
     check_model(model)
     train_cfg = TrainConfig()  # the training sampler and engine as configured (gin)
     log = lambda message: print(f"audit: {message}", file=sys.stderr, flush=True)  # noqa: E731
@@ -530,7 +535,6 @@ def run_audit(task_name: str, out: Path, cfg: AuditConfig, policy: str | None = 
     result = audit(policy_model, tokenizer, engine, task, problems, cfg, estimators=estimators, checkpoints=checkpoints,
                    device=device, log=log)
     # Paths as seen from `out`: a report records no machine's folder names (leaderboard_sections rebases them).
-    given = policy or (str(critic) if critic is not None else "default")
     result |= {"policy": shown_path(given, out), "policy_is_path": given != "default" and Path(given).expanduser().exists(),
                "policy_loaded": shown_path(model, out), "split": split,
                "critics": critics, "seconds": time.perf_counter() - started, "config": gin.config_str(),

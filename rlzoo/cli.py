@@ -245,8 +245,9 @@ def audit(
     algos: str = typer.Option("ppo,vineppo,grpo,rloo", help="strategies whose credit is audited, comma-separated"),
     task: str = typer.Option("arith", help="task name (see `rlzoo list`); its test split is held out"),
     policy: str = typer.Option(None, help="model folder, hub id, 'default', or a run folder (its latest checkpoint); "
-                               "default: the --critic run's policy, else 'default'"),
-    critic: Path = typer.Option(None, help="a run folder of an audited strategy that learns a critic (e.g. ppo): its latest checkpoint's"),
+                               "default: the first --critic run's policy, else 'default'"),
+    critic: list[Path] = typer.Option([], help="a run folder of an audited strategy that learns a critic (ppo, prime): its latest "
+                                      "checkpoint's; repeat it for each such strategy"),
     critic_iterations: int = typer.Option(20, help="without --critic: train such a strategy's critic for N iterations (policy frozen) into OUT/"),
     problems: int = typer.Option(64, help="held-out problems (the first N of the test split)"),
     truth_samples: int = typer.Option(256, help="continuations per state for the Monte-Carlo ground truth"),
@@ -264,7 +265,7 @@ def audit(
     apply_gin(config, set_)
     cfg = AuditConfig(algos=tuple(dict.fromkeys(a.strip() for a in algos.split(",") if a.strip())), problems=problems,
                       truth_samples=truth_samples, alternatives=alternatives, seed=seed)
-    run_audit(task, out, cfg, policy=policy, critic=critic, critic_iterations=critic_iterations,
+    run_audit(task, out, cfg, policy=policy, critics=critic, critic_iterations=critic_iterations,
               command=invoked_command())
     print(f"rlzoo: audit in {out}/ (audit.md, audit.json, plots)")
 

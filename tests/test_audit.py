@@ -302,10 +302,11 @@ def _run_folder(path, algo, task):
     (["--critic", "{gsm8k_run}"], "run on task 'gsm8k', not 'arith'"),
     (["--critic", "{grpo_run}"], "has no critic"),
     (["--critic", "{tiny}"], "not a run folder"),
+    (["--algos", "ppo", "--critic", "{ppo_run}", "--critic", "{ppo_run}"], "more than one ppo run"),
 ])
 def test_bad_input_is_one_line_and_exit_2(args, says, tiny_policy_path, tmp_path, capsys):
     paths = {"tiny": tiny_policy_path, "gsm8k_run": _run_folder(tmp_path / "g", "ppo", "gsm8k"),
-             "grpo_run": _run_folder(tmp_path / "r", "grpo", "arith")}
+             "grpo_run": _run_folder(tmp_path / "r", "grpo", "arith"), "ppo_run": _run_folder(tmp_path / "p", "ppo", "arith")}
     out = tmp_path / "audit"
     code = _cli("audit", *[a.format(**paths) for a in args], "--out", out)
     err = capsys.readouterr().err
@@ -437,3 +438,15 @@ def test_smoke_audit_of_the_2025_strategies_trains_primes_prm_and_ranks_by_state
     if result["ranking"]["pairs_not_tied_in_truth"]:  # strategies with state_values rank; a group baseline scores chance
         assert result["strategies"]["spo_tree"]["ranking_accuracy"]["mean"] == 0.5
         assert result["strategies"]["spo_chain"]["ranking_accuracy"]["mean"] is not None
+
+    # --critic once per learned strategy: prime's run from above, and a ppo run this audit trains; then both given
+    again, both = tmp_path / "again", tmp_path / "both"
+    small = ["--problems", 2, "--truth-samples", 4, "--alternatives", 2, *[x for b in sets for x in ("--set", b)]]
+    assert _cli("audit", "--algos", "prime,ppo", "--critic", out / "critic-prime-1it", "--critic-iterations", 1,
+                "--out", again, *small) == 0
+    critics = json.loads((again / "audit.json").read_text())["critics"]
+    assert not critics["prime"]["trained_here"] and critics["ppo"]["trained_here"]
+    assert _cli("audit", "--algos", "prime,ppo", "--critic", out / "critic-prime-1it", "--critic", again / "critic-ppo-1it",
+                "--critic-iterations", 0, "--out", both, *small) == 0
+    critics = json.loads((both / "audit.json").read_text())["critics"]
+    assert not critics["prime"]["trained_here"] and not critics["ppo"]["trained_here"]
