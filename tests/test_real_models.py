@@ -158,7 +158,8 @@ SMALL = ["train.prompts_per_iteration = 2", "train.max_new_tokens = 16", "train.
 
 
 def _train(run_dir, algo, task, model, extra=()):
-    group = f"{CONFIGURABLE.get(algo, algo)}.group_size = 2"
+    # two samples per prompt; spo_tree's group is a tree: two leaves under the root
+    group = "spo_tree.branch_factors = (2,)" if algo == "spo_tree" else f"{CONFIGURABLE.get(algo, algo)}.group_size = 2"
     args = ["train", "--algo", algo, "--task", task, "--model", str(model), "--out", str(run_dir), "--budget", "iterations=2"]
     for b in SMALL + [group, *extra]:
         args += ["--set", b]
