@@ -5,7 +5,7 @@ strategy-specific sits behind the estimator's declared needs and its one method.
 Read it in order: ``train`` checks everything and takes the run folder; ``_train_owned`` is setup, then the loop;
 ``train_iteration(trainer, it)`` is one iteration, a function of the ``Trainer`` that ``build_trainer`` makes (so it
 runs alone, e.g. in a test); ``resume`` and ``write_run_start`` are the run-folder bookkeeping. Under data
-parallelism the ranks meet only at the places marked "ranks meet" (``sample_and_score``, ``logprobs_of``, ...).
+parallelism the ranks meet only at the places marked "ranks meet" (``estimator.sample``, ``logprobs_of``, ...).
 
 The run folder's format is documented in ``rlzoo.runs``; re-running the same command on the same
 folder resumes from its last checkpoint, and on CPU the finished run's metrics equal an
@@ -621,7 +621,7 @@ def logprobs_of(t: Trainer, model, ids: torch.Tensor, attn: torch.Tensor) -> tor
 
 def train_iteration(t: Trainer, it: int) -> dict:
     """One iteration: rollouts, rewards, log-probs, credit, critic, PPO update. Returns its train record.
-    Ranks meet only where the code says so (``sample_and_score``, ``logprobs_of``, the estimator's own heavy parts,
+    Ranks meet only where the code says so (``estimator.sample``, ``logprobs_of``, the estimator's own heavy parts,
     ``ppo_update``'s gradient all-reduce, and the sums of the counters at the end)."""
     cfg, ppo_cfg, ctx, estimator = t.cfg, t.ppo_cfg, t.ctx, t.estimator
     t_start = time.perf_counter()
@@ -631,8 +631,8 @@ def train_iteration(t: Trainer, it: int) -> dict:
     ctx.sampling = replace(t.sampling, seed=derive_seed(cfg.seed, it, Salt.ROLLOUTS))
 
     # 1-2. Rollouts and their rewards, as the strategy samples them: by default group_size responses to each prompt
-    #      (``rollout.sample_groups``; SPO-tree samples a tree of segments). Ranks meet inside: every rank then holds
-    #      the whole batch.
+    #      (``rollout.sample_groups``; a strategy that owns the shape of its samples draws its own, e.g. a tree).
+    #      Ranks meet inside: every rank then holds the whole batch.
     problems = iteration_problems(t.train_problems, it, cfg.prompts_per_iteration, cfg.seed)
     engine_tokens_before = t.engine.stats.forward_tokens  # this rank's
     batch = estimator.sample(problems, ctx)
