@@ -75,6 +75,12 @@ STAGE_ORDER = ("generation", "reward", "mc", "logprobs", "critic", "advantages",
 # Statistics
 
 
+def nearly_constant(values) -> bool:
+    """All equal up to float rounding (scipy's t-tests lose all precision there and warn; the answer is plain)."""
+    values = np.asarray(values, dtype=float)
+    return float(np.ptp(values)) <= 1e-12 * max(1.0, float(np.abs(values).max()))
+
+
 def welch(a, b) -> tuple[float, float, float]:
     """Welch's unequal-variance t-test of mean(a) vs mean(b): (t, two-sided p, degrees of freedom);
     nans where a side has fewer than two values."""
@@ -82,8 +88,9 @@ def welch(a, b) -> tuple[float, float, float]:
     b = [v for v in b if v is not None and np.isfinite(v)]
     if len(a) < 2 or len(b) < 2:
         return math.nan, math.nan, math.nan
-    if np.var(a) == 0 and np.var(b) == 0:  # scipy divides 0 by 0 here; the answer is plain
-        return (math.nan, 1.0, math.nan) if np.mean(a) == np.mean(b) else (math.copysign(math.inf, np.mean(a) - np.mean(b)), 0.0, math.nan)
+    if nearly_constant(a) and nearly_constant(b):
+        gap = np.mean(a) - np.mean(b)
+        return (math.nan, 1.0, math.nan) if nearly_constant([np.mean(a), np.mean(b)]) else (math.copysign(math.inf, gap), 0.0, math.nan)
     r = stats.ttest_ind(a, b, equal_var=False)
     return float(r.statistic), float(r.pvalue), float(r.df)
 
@@ -364,8 +371,8 @@ def paired_p(diffs) -> float:
     d = np.asarray([v for v in diffs if v is not None and np.isfinite(v)], dtype=float)
     if len(d) < 2:
         return math.nan
-    if np.var(d) == 0:  # scipy divides 0 by 0 here; the answer is plain
-        return 1.0 if d.mean() == 0 else 0.0
+    if nearly_constant(d):
+        return 1.0 if nearly_constant([d.mean(), 0.0]) else 0.0
     return float(stats.ttest_1samp(d, 0.0).pvalue)
 
 

@@ -96,6 +96,16 @@ def test_welch_on_degenerate_samples():
     assert all(math.isnan(v) for v in welch([0.5], [0.4, 0.6]))  # one seed: no test
     assert welch([0.5, 0.5], [0.5, 0.5])[1] == 1.0  # identical constants: no difference
     assert welch([0.6, 0.6], [0.5, 0.5])[1] == 0.0  # different constants: certain
+    # equal up to float rounding (accuracies summed in another order): no test of noise, and no scipy warning
+    import warnings
+
+    from rlzoo.leaderboard import paired_p
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert welch([0.1 + 0.2, 0.3], [0.3, 0.3])[1] == 1.0
+        assert paired_p([0.1 + 0.2 - 0.3, 0.0, 0.0]) == 1.0
+        assert paired_p([0.25 + 1e-17, 0.25, 0.25]) == 0.0
 
 
 def test_seeds_to_separate_follows_the_normal_power_formula():
