@@ -106,6 +106,10 @@ def test_welch_on_degenerate_samples():
         assert welch([0.1 + 0.2, 0.3], [0.3, 0.3])[1] == 1.0
         assert paired_p([0.1 + 0.2 - 0.3, 0.0, 0.0]) == 1.0
         assert paired_p([0.25 + 1e-17, 0.25, 0.25]) == 0.0
+        # one side constant (every seed at its starting accuracy): Welch's test still runs, on the other's variance
+        t, p, _ = welch([0.3857421875] * 3, [0.30, 0.35, 0.40])
+    expected = (0.3857421875 - 0.35) / math.sqrt(np.var([0.30, 0.35, 0.40], ddof=1) / 3)  # the constant side adds no variance
+    assert t == pytest.approx(expected) and p == pytest.approx(2 * stats.t.sf(expected, df=2))
 
 
 def test_seeds_to_separate_follows_the_normal_power_formula():
