@@ -1,8 +1,8 @@
 """Seconds per iteration, stage by stage, of this checkout against an older commit, side by side.
 
-    git worktree add /tmp/rlzoo-base 7704100
-    python -m venv /tmp/venv-base && /tmp/venv-base/bin/pip install torch==2.13.0 -e /tmp/rlzoo-base
-    OMP_NUM_THREADS=1 python benchmarks/speed_bench.py --base-python /tmp/venv-base/bin/python
+    git worktree add ../rlzoo-base 7704100   # beside this checkout
+    python -m venv ../venv-base && ../venv-base/bin/pip install torch==2.13.0 -e ../rlzoo-base
+    OMP_NUM_THREADS=1 python benchmarks/speed_bench.py --base-python ../venv-base/bin/python
 
 Each (strategy, repeat) trains ``--iterations`` iterations of the quick bench's shape (``benchmarks/speed.gin``:
 the built-in policy, 16 prompts x 8 samples, 2 epochs x 2 minibatches, one torch thread) with ``rlzoo train``,
@@ -77,7 +77,8 @@ def main() -> None:
     args = parser.parse_args()
 
     peak_before = matmul_peak()
-    sides = {args.base_name: args.base_python, "this": sys.executable}
+    # Absolute, not resolved: the runs start in a temporary folder, and a venv's python is a link that must stay one.
+    sides = {args.base_name: os.path.abspath(args.base_python), "this": sys.executable}
     runs: dict[tuple[str, str], list[list[dict]]] = {}
     with tempfile.TemporaryDirectory(prefix="rlzoo-speed-") as tmp:
         for repeat in range(args.repeats):
