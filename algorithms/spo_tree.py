@@ -72,7 +72,7 @@ class SPOTree(Estimator):
         response_budget = remaining_budgets(prompt_ids, list(map(len, prompt_ids)), max_new, context)  # [P]
         mine = distributed.shard(len(problems))
         leaves: list[list[tuple[tuple, Completion]]] = [[] for _ in mine]  # per prompt: (path, leaf completion)
-        frontier = [((p,), []) for p in range(len(mine))]  # open nodes: (path, response tokens so far)
+        frontier = [((p,), [], []) for p in range(len(mine))]  # open nodes: (path, response tokens so far, their log-probs)
         generated = 0
         with ctx.watch("generation"), ctx.sampling_weights():
             for depth, branch in enumerate(self.branch_factors):
@@ -81,22 +81,24 @@ class SPOTree(Estimator):
                 if not sum(sizes):
                     break
                 last = depth == len(self.branch_factors) - 1
-                states = [prompt_ids[mine.start + path[0]] + prefix for path, prefix in frontier]
-                left = [response_budget[mine.start + path[0]] - len(prefix) for path, prefix in frontier]  # >= 1: open nodes
+                states = [prompt_ids[mine.start + path[0]] + prefix for path, prefix, _ in frontier]
+                left = [response_budget[mine.start + path[0]] - len(prefix) for path, prefix, _ in frontier]  # >= 1: open nodes
                 budgets = left if last else [min(M, b) for b in left]
                 seed = ctx.sampling.seed if depth == 0 else derive_seed(ctx.sampling.seed, depth, Salt.TREE_LEVEL)
                 first = mine.start if depth == 0 else sum(sizes[: distributed.rank()])
                 params = replace(ctx.sampling, n=branch, seed=seed, first_index=first)  # each node's budget: budgets
                 out = ctx.engine.generate(states, params, budgets=budgets) if states else []
                 nxt = []
-                for (path, prefix), group, budget in zip(frontier, out, left):
+                for (path, prefix, prefix_logprobs), group, budget in zip(frontier, out, left):
                     for j, c in enumerate(group):
                         generated += len(c.token_ids)
                         tokens = prefix + c.token_ids
+                        logprobs = None if c.logprobs is None or prefix_logprobs is None else prefix_logprobs + c.logprobs
                         if last or c.finish_reason == "stop" or len(c.token_ids) >= budget:  # a leaf: the response ends here
-                            leaves[path[0]].append((path + (j,), Completion(tokens, self._text(tokenizer, task, tokens, c), c.finish_reason)))
+                            text = self._text(tokenizer, task, tokens, c)
+                            leaves[path[0]].append((path + (j,), Completion(tokens, text, c.finish_reason, logprobs)))
                         else:
-                            nxt.append((path + (j,), tokens))
+                            nxt.append((path + (j,), tokens, logprobs))
                 frontier = nxt
         with ctx.watch("reward"):
             for group in leaves:

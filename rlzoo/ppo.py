@@ -51,6 +51,20 @@ class PPOConfig:
 # ----------------------------------------------------------------------------- log-probs
 
 
+def tempered(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Float32 logits of the distribution sampled at ``temperature`` (0, greedy, and 1 leave them as they are)."""
+    logits = logits.float()
+    return logits / temperature if temperature > 0 and temperature != 1.0 else logits
+
+
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Log-prob of ``tokens`` [...] under ``logits`` [..., V] at sampling temperature ``temperature``: the one
+    definition of a token's log-prob, shared by ``forward_logprobs`` and the torch engine (which scores the
+    tokens it samples, so that the loop need not run the policy again)."""
+    logits = tempered(logits, temperature)
+    return logits.gather(-1, tokens[..., None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+
+
 def forward_logprobs(model, input_ids, attention_mask, temperature: float = 1.0, with_entropy: bool = False):
     """Log-prob of each token under ``model`` at sampling temperature ``temperature``.
 
@@ -58,17 +72,14 @@ def forward_logprobs(model, input_ids, attention_mask, temperature: float = 1.0,
     token was drawn from. Dividing by the temperature makes the ratio compare the distributions the
     tokens were actually sampled from (as verl does).
     """
-    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1].float()  # [B, L-1, V]
-    if temperature > 0 and temperature != 1.0:
-        logits = logits / temperature
-    log_norm = torch.logsumexp(logits, dim=-1)  # [B, L-1]
-    token_logits = logits.gather(-1, input_ids[:, 1:, None]).squeeze(-1)  # [B, L-1]
-    logprobs = F.pad(token_logits - log_norm, (1, 0))  # [B, L]
+    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1]  # [B, L-1, V]
+    logprobs = F.pad(token_logprobs(logits, input_ids[:, 1:], temperature), (1, 0))  # [B, L]
     if not with_entropy:
         return logprobs, None
     with torch.no_grad():
+        logits = tempered(logits, temperature)
         probs = torch.softmax(logits, dim=-1)
-        entropy = F.pad(log_norm - (probs * logits).sum(-1), (1, 0))  # [B, L]
+        entropy = F.pad(torch.logsumexp(logits, dim=-1) - (probs * logits).sum(-1), (1, 0))  # [B, L]
     return logprobs, entropy
 
 

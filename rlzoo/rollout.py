@@ -36,7 +36,7 @@ class RolloutBatch:
     problems: list[Problem]  # [B]
     response_texts: list[str]  # [B]
     finish_reasons: list[str]  # [B] "stop" or "length"
-    old_logprobs: torch.Tensor | None = None  # [B, L] float32, under the sampling policy (PPO core fills it)
+    old_logprobs: torch.Tensor | None = None  # [B, L] float32, under the sampling policy (the sampler's, or the loop recomputes them)
     ref_logprobs: torch.Tensor | None = None  # [B, L] float32, under the frozen reference (if β > 0)
     extra: dict = field(default_factory=dict)  # estimator scratch space (e.g. MC values for logging)
 
@@ -104,7 +104,8 @@ def step_token_starts(tokenizer, response_ids: list[int], char_starts: list[int]
 def build_batch(tokenizer, task: Task, problems: list[Problem], prompt_ids: list[list[int]],
                 completions: list[list[Completion]], scores: list[float]) -> RolloutBatch:
     """Pack ``completions[p][j]`` (sample j of prompt p) into a right-padded RolloutBatch.
-    ``scores`` are the task rewards in the same flattened order."""
+    ``scores`` are the task rewards in the same flattened order. Where every completion carries its tokens'
+    log-probs (the sampler's, ``SamplingParams.logprobs``), they become ``old_logprobs``."""
     rows = [(p, c) for p, group in enumerate(completions) for c in group]
     lengths = [len(prompt_ids[p]) + len(c.token_ids) for p, c in rows]
     B, L = len(rows), max(lengths)
@@ -113,6 +114,8 @@ def build_batch(tokenizer, task: Task, problems: list[Problem], prompt_ids: list
     attention_mask = torch.zeros((B, L), dtype=torch.long)  # [B, L]
     response_mask = torch.zeros((B, L), dtype=torch.float32)  # [B, L]
     token_rewards = torch.zeros((B, L), dtype=torch.float32)  # [B, L]
+    scored = all(c.logprobs is not None for _, c in rows)
+    old_logprobs = torch.zeros((B, L), dtype=torch.float32) if scored else None  # [B, L]
     step_starts = []
     for b, (p, c) in enumerate(rows):
         n_prompt, n_resp = len(prompt_ids[p]), len(c.token_ids)
@@ -121,6 +124,8 @@ def build_batch(tokenizer, task: Task, problems: list[Problem], prompt_ids: list
         response_mask[b, n_prompt : n_prompt + n_resp] = 1.0
         if n_resp:
             token_rewards[b, n_prompt + n_resp - 1] = scores[b]
+            if scored:
+                old_logprobs[b, n_prompt : n_prompt + n_resp] = torch.tensor(c.logprobs, dtype=torch.float32)
         step_starts.append(step_token_starts(tokenizer, c.token_ids, task.split_steps(c.text), n_prompt))
     return RolloutBatch(
         input_ids=input_ids,
@@ -134,6 +139,7 @@ def build_batch(tokenizer, task: Task, problems: list[Problem], prompt_ids: list
         problems=[problems[p] for p, _ in rows],
         response_texts=[c.text for _, c in rows],
         finish_reasons=[c.finish_reason for _, c in rows],
+        old_logprobs=old_logprobs,
     )
 
 
@@ -249,7 +255,7 @@ class EstimatorContext:
             if len(mine):
                 with self.sampling_weights():
                     completions = self.engine.generate([list(k) for k in keys[mine.start : mine.stop]],
-                                                       replace(params, first_index=mine.start),
+                                                       replace(params, first_index=mine.start, logprobs=False),  # never trained on
                                                        budgets=[budgets[unique[k]] for k in keys[mine.start : mine.stop]])
             texts, owners, generated = [], [], 0
             for key, group in zip(keys[mine.start : mine.stop], completions):

@@ -73,6 +73,7 @@ class TrainConfig:
     checkpoint_every: int = 10  # checkpoint every this many iterations (and at the end)
     keep_checkpoints: int = 2  # older checkpoints are deleted
     engine_batch_size: int = 256  # rows the engine decodes at once
+    old_logprobs: str = "sampler"  # the sampling policy's log-probs of the rollouts: "sampler" (the torch engine's, taken as it samples: the same module and weights, float rounding apart) or "recompute" (one more forward over the batch, as verl does; engines that return none, vLLM, always recompute)
     deepspeed_config: str = ""  # DeepSpeed JSON (ZeRO 1-3, offload) to train the policy and any critic with; "": PyTorch (DDP under a launcher)
 
     def __post_init__(self):
@@ -84,6 +85,8 @@ class TrainConfig:
             "checkpoint_every": ">= 1", "keep_checkpoints": ">= 1", "engine_batch_size": ">= 1"}, "train")
         if self.prompt_tokenization not in PROMPT_TOKENIZATIONS:
             raise UserError(f"train.prompt_tokenization = {self.prompt_tokenization!r}; expected 'alone' or 'joint'")
+        if self.old_logprobs not in ("sampler", "recompute"):
+            raise UserError(f"train.old_logprobs = {self.old_logprobs!r}; expected 'sampler' or 'recompute'")
         if self.lr_schedule not in ("constant", "linear", "cosine"):
             raise UserError(f"train.lr_schedule = {self.lr_schedule!r}; expected 'constant', 'linear' or 'cosine'")
 
@@ -462,7 +465,7 @@ def build_trainer(cfg: TrainConfig, ppo_cfg: PPOConfig, task: Task, estimator: E
     train_problems, eval_sets, task_fit["dropped_problems"] = fit_task(cfg, task, tokenizer, context, max_new_tokens)
     task_fit["prompt_tokenization_mismatch"] = check_prompt_tokenization(cfg, task, tokenizer, train_problems)
     sampling = SamplingParams(n=estimator.group_size, temperature=cfg.temperature, top_p=cfg.top_p,
-                              max_new_tokens=max_new_tokens, stop=task.stop)
+                              max_new_tokens=max_new_tokens, stop=task.stop, logprobs=cfg.old_logprobs == "sampler")
     ctx = EstimatorContext(policy=policy, tokenizer=tokenizer, engine=engine, task=task, sampling=sampling,
                            model_path=policy.config._name_or_path, device=device, seed=cfg.seed,
                            prompt_tokenization=cfg.prompt_tokenization,
@@ -638,10 +641,13 @@ def train_iteration(t: Trainer, it: int) -> dict:
     batch = estimator.sample(problems, ctx)
     generation_tokens = t.engine.stats.forward_tokens - engine_tokens_before  # this rank's prefill + decode
 
-    # 3. Log-probs of the sampled tokens under the sampling policy and the reference.
+    # 3. Log-probs of the sampled tokens under the sampling policy (the sampler's own, where it returned them:
+    #    ``train.old_logprobs``) and under the reference.
     with watch("logprobs"):
         ids, attn, mask = batch.input_ids.to(t.device), batch.attention_mask.to(t.device), batch.response_mask
-        batch.old_logprobs = logprobs_of(t, t.policy, ids, attn)
+        recomputed = batch.old_logprobs is None or cfg.old_logprobs == "recompute"
+        if recomputed:
+            batch.old_logprobs = logprobs_of(t, t.policy, ids, attn)
         kl_stats = {}
         if t.reference is not None:
             batch.ref_logprobs = logprobs_of(t, t.reference, ids, attn)
@@ -684,7 +690,7 @@ def train_iteration(t: Trainer, it: int) -> dict:
     stage_flops = {
         "generation": estimated_flops(t.policy_params, generation_tokens),
         "logprobs": estimated_flops(t.policy_params, positions_run(batch.attention_mask, ppo_cfg.micro_batch_size)
-                                    * (2 if t.reference is not None else 1)),
+                                    * (int(recomputed) + int(t.reference is not None))),
         **{p: estimated_flops(t.policy_params, n - rollout_tokens_before.get(p, 0)) for p, n in ctx.forward_tokens.items()},
         "advantages": critic_flops(*critic_tokens[:2]),  # a critic's forward inside the estimator
         "critic": critic_flops(*critic_tokens[2:]),

@@ -100,6 +100,8 @@ CASES = [
     ("checkpoint_every=0", lambda t, m: train_args(m, t / "run", *sets("train.checkpoint_every=0")),
      ["train.checkpoint_every"], ["run"]),
     ("train.lr<0", lambda t, m: train_args(m, t / "run", *sets("train.lr=-1")), ["train.lr"], ["run"]),
+    ("train.old_logprobs unknown", lambda t, m: train_args(m, t / "run", *sets("train.old_logprobs='twice'")),
+     ["train.old_logprobs", "recompute"], ["run"]),
     ("pretrain.lr<0 in train", lambda t, m: train_args(m, t / "run", *sets("pretrain.lr=-1"), model=False),
      ["pretrain.lr"], ["run"]),
     ("train --out is a file", lambda t, m: train_args(m, _file(t)), ["afile", "is a file"], []),

@@ -4,6 +4,7 @@ finished rows stop costing forward tokens."""
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import replace
 
 import numpy as np
@@ -223,6 +224,31 @@ def test_eos_stop_string_and_length_endings(model, tokenizer):
     assert cut.token_ids == long.token_ids[: first + len(stop)]  # the completing token is the last one
     one = engine.generate([prompts[index]], SamplingParams(temperature=0, max_new_tokens=1))[0][0]
     assert one.finish_reason == "length" and one.token_ids == long.token_ids[:1]
+
+
+@pytest.mark.parametrize("lean", [True, False], ids=["lean-llama-step", "transformers-forward"])
+@pytest.mark.parametrize("temperature", [0.7, 0.0])
+def test_sampled_tokens_come_with_their_log_probs_under_the_model(model, tokenizer, lean, temperature):
+    """What the loop trains with as the sampling policy's log-probs (train.old_logprobs = "sampler"): each token's
+    log-prob at the sampling temperature (before top-p), as a forward over prompt + completion gives it."""
+    from rlzoo import lean_llama
+    from rlzoo.ppo import forward_logprobs
+
+    make_eos_follow(model, tokenizer, "7")  # greedy rows end at different steps: rows leave the batch mid-way
+    prompts = encode(tokenizer, PROMPTS)
+    params = SamplingParams(n=3, temperature=temperature, top_p=0.9, max_new_tokens=10, seed=5, logprobs=True)
+    with contextlib.nullcontext() if lean else lean_llama.disabled():
+        groups = TorchEngine(model, tokenizer, max_batch_size=4).generate(prompts, params)
+    assert {len(c.token_ids) for g in groups for c in g} != {10}  # some stopped early
+    for prompt, group in zip(prompts, groups):
+        for c in group:
+            ids = torch.tensor([prompt + c.token_ids])
+            with torch.no_grad():
+                expected = forward_logprobs(model, ids, torch.ones_like(ids), temperature)[0][0, len(prompt):]
+            assert len(c.logprobs) == len(c.token_ids)
+            assert torch.allclose(torch.tensor(c.logprobs), expected, atol=1e-5, rtol=0)
+    unscored = TorchEngine(model, tokenizer).generate(prompts[:2], replace(params, logprobs=False))
+    assert all(c.logprobs is None for g in unscored for c in g)
 
 
 def test_finished_rows_leave_the_batch(tokenizer):

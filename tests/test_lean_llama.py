@@ -157,13 +157,14 @@ def test_a_short_run_gives_the_same_metrics_with_the_fast_paths_on_and_off(algo,
 
     bindings = SMALL + [_group_size(algo, 4), "ppo.micro_batch_size = 8"]  # 8 prompts x 4: several micro-batches
     assert _train(tmp_path / "fast", algo, tiny_policy_path, bindings) == 0
-    with lean_llama.disabled():  # and one padded micro-batch per pass: what the loop ran before
+    with lean_llama.disabled():  # one padded micro-batch per pass and the old log-probs recomputed: what the loop ran before
         monkeypatch.setattr(ppo, "length_buckets", lambda lengths, max_rows, overhead_tokens=0: list(torch.arange(len(lengths)).split(max_rows)))
-        assert _train(tmp_path / "plain", algo, tiny_policy_path, bindings) == 0
+        assert _train(tmp_path / "plain", algo, tiny_policy_path, bindings + ['train.old_logprobs = "recompute"']) == 0
     fast, plain = ([r for r in runs.read_jsonl(tmp_path / name / "metrics.jsonl") if r["kind"] == "train"] for name in ("fast", "plain"))
     for a, b in zip(fast, plain):
         assert a["batch/real_tokens"] == b["batch/real_tokens"] and a["reward/mean"] == b["reward/mean"]  # the same samples
         assert a["flops/update"] < b["flops/update"]  # padding left out
+        assert a["flops/logprobs"] < b["flops/logprobs"]  # the old log-probs came with the samples
         for key, value in a.items():
             if key.startswith(("time/", "flops/", "memory/")) or not isinstance(value, float):
                 continue

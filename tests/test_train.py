@@ -91,7 +91,7 @@ def test_every_strategy_runs_and_changes_the_policy(algo, tiny_policy_path, tmp_
         within = lambda flops, per_position: per_position * r["batch/real_tokens"] <= flops <= per_position * r["batch/tokens"]  # noqa: E731
         assert r["batch/real_tokens"] < r["batch/tokens"]  # rows of several lengths: some padding to leave out
         assert within(r["flops/update"], 6 * n_policy * 1)  # ppo.epochs = 1
-        assert within(r["flops/logprobs"], 2 * n_policy * 2)  # the policy's and the reference's
+        assert within(r["flops/logprobs"], 2 * n_policy * 1)  # the reference's (the policy's came with the samples)
         assert ("flops/mc" in stages) == (algo in MC_VALUED) and ("flops/baseline" in stages) == (algo == "remax")
         if algo == "ppo":  # the critic's forward (in advantages) and its update, by its own parameter count
             from rlzoo.algorithms.value_ppo import ValueModel

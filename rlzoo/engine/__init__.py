@@ -33,6 +33,10 @@ class SamplingParams:
     # part): prompt i draws the randomness prompt first_index + i would draw in one call with the
     # same seed, so how a request is split does not change its samples.
     first_index: int = 0
+    # Also return each generated token's log-prob under the sampling model at ``temperature`` (the full softmax,
+    # before top-p: the distribution PPO's ratio compares), where the engine computes it with the very module
+    # being trained (the torch engine). Engines that cannot (vLLM: other kernels and precision) return none.
+    logprobs: bool = False
 
 
 @dataclass
@@ -40,6 +44,7 @@ class Completion:
     token_ids: list[int]  # generated tokens, EOS / stop-completing token included
     text: str  # decoded text, special tokens and the stop string removed
     finish_reason: Literal["stop", "length"]  # "stop": EOS or a stop string; "length": max_new_tokens
+    logprobs: list[float] | None = None  # per generated token, if asked (SamplingParams.logprobs) and the engine computes them
 
 
 @dataclass

@@ -12,7 +12,9 @@ What makes it faster than ``model.generate()`` on rollout workloads:
 - rows are sorted by prompt length before being cut into chunks of ``max_batch_size``, so left
   padding stays small;
 - the KV cache is preallocated per chunk and written in place (no per-step concatenation), and
-  attention reads only the filled part of it.
+  attention reads only the filled part of it;
+- asked (``SamplingParams.logprobs``), it scores each token it samples with the logits it sampled it from
+  (``ppo.token_logprobs``): the PPO ratio's old log-probs without a second forward over the batch.
 
 Randomness: each request (prompt index i, sample j) gets a 64-bit key drawn from
 ``torch.Generator().manual_seed(params.seed)`` (index i counts from ``params.first_index``, so a
@@ -37,6 +39,7 @@ from transformers.cache_utils import Cache, DynamicLayer
 from rlzoo import lean_llama
 from rlzoo.engine import ENGINES, Completion, EngineStats, SamplingParams, context_length, prompt_budgets
 from rlzoo.errors import UserError
+from rlzoo.ppo import token_logprobs
 
 
 class _KVBuffer(DynamicLayer):
@@ -209,7 +212,7 @@ class TorchEngine:
 
         # Rows sorted by prompt length (so a chunk's prompts pad little), in chunks of max_batch_size.
         by_length = sorted(range(len(row_unique)), key=lambda r: (len(unique_prompts[row_unique[r]]), row_unique[r]))
-        results: list[tuple[list[int], bool] | None] = [None] * len(row_unique)  # per row: (token ids, stopped)
+        results: list[tuple | None] = [None] * len(row_unique)  # per row: (token ids, stopped, log-probs or None)
         was_training = self.model.training
         self.model.eval()
         try:
@@ -229,9 +232,11 @@ class TorchEngine:
         finally:
             self.model.train(was_training)
 
-        completions = [self._completion(ids, stopped, params.stop) for ids, stopped in results]
+        completions = [self._completion(*result, params.stop) for result in results]
         if params.temperature == 0:
-            grouped = [[replace(completions[u], token_ids=list(completions[u].token_ids)) for _ in range(params.n)]
+            grouped = [[replace(completions[u], token_ids=list(completions[u].token_ids),
+                                logprobs=None if completions[u].logprobs is None else list(completions[u].logprobs))
+                        for _ in range(params.n)]
                        for u in prompt_to_unique]
         else:
             grouped = [completions[i * params.n : (i + 1) * params.n] for i in range(len(prompts))]
@@ -242,11 +247,12 @@ class TorchEngine:
     # ------------------------------------------------------------------------------------ the decode loop
 
     def _decode(self, prompts: list[tuple[int, ...]], expand: torch.Tensor, keys: torch.Tensor, limits: torch.Tensor,
-                params: SamplingParams) -> list[tuple[list[int], bool]]:
+                params: SamplingParams) -> list[tuple[list[int], bool, list[float] | None]]:
         """Sample one continuation per row; row b continues ``prompts[expand[b]]`` with random key ``keys[b]``,
         for at most ``limits[b]`` tokens.
 
-        Returns per row (generated token ids, whether it stopped on EOS / a stop string).
+        Returns per row (generated token ids, whether it stopped on EOS / a stop string, their log-probs if
+        ``params.logprobs`` else None).
         """
         device = next(self.model.parameters()).device
         forward = self._model_call()
@@ -274,20 +280,25 @@ class TorchEngine:
         keys, limits = keys.to(device), limits.to(device)  # [B] int64, [B] long
         rows = torch.arange(len(expand), device=device)  # [B] which output row each batch row is
         generated = torch.empty((len(expand), max_new), dtype=torch.long, device=device)  # [B, max_new]
+        scored = torch.zeros((len(expand), max_new if params.logprobs else 0), device=device)  # [B, max_new] log-probs, if asked
         end = torch.full((len(expand),), -1, dtype=torch.long, device=device)  # [B] step of the stopping token, -1 while running
         eos = torch.tensor(self.eos_token_ids, dtype=torch.long, device=device)
-        results: list[tuple[list[int], bool] | None] = [None] * len(expand)
+        results: list[tuple | None] = [None] * len(expand)
 
         def retire(batch_rows: torch.Tensor) -> None:
             """Move rows out of the batch into ``results`` (a row that never stopped ran to its budget)."""
-            for row, tokens, stop_step, limit in zip(rows[batch_rows].tolist(), generated[batch_rows].tolist(),
-                                                     end[batch_rows].tolist(), limits[batch_rows].tolist()):
-                results[row] = (tokens[: stop_step + 1], True) if stop_step >= 0 else (tokens[:limit], False)
+            logprobs = scored[batch_rows].tolist() if params.logprobs else [None] * len(batch_rows)
+            for row, tokens, stop_step, limit, lp in zip(rows[batch_rows].tolist(), generated[batch_rows].tolist(),
+                                                         end[batch_rows].tolist(), limits[batch_rows].tolist(), logprobs):
+                n = stop_step + 1 if stop_step >= 0 else limit
+                results[row] = (tokens[:n], stop_step >= 0, None if lp is None else lp[:n])
 
         for step in range(max_new):
             u = uniforms(keys, step) if params.temperature > 0 else None  # [B]
             tokens = sample_tokens(logits, params.temperature, params.top_p, u)  # [B]
             generated[:, step] = tokens
+            if params.logprobs:
+                scored[:, step] = token_logprobs(logits, tokens, params.temperature)
             stopped = torch.isin(tokens, eos)  # [B]
             if params.stop:
                 stopped |= self._stopped_by_strings(generated[:, : step + 1], params.stop)
@@ -307,7 +318,7 @@ class TorchEngine:
                 order[holes] = movers
                 attention_mask, next_position, keys, rows = attention_mask[order], next_position[order], keys[order], rows[order]
                 limits = limits[order]
-                generated, end, tokens = generated[order], end[order], tokens[order]
+                generated, scored, end, tokens = generated[order], scored[order], end[order], tokens[order]
             length = width + step + 1  # cache length once this step's token is in
             logits = forward(tokens[:, None], attention_mask[:, :length], next_position[:, None], cache)
             next_position += 1
@@ -357,11 +368,11 @@ class TorchEngine:
         texts = self.tokenizer.batch_decode(generated[:, -window:].tolist(), skip_special_tokens=True)
         return torch.tensor([any(s in text for s in stop) for text in texts], device=generated.device)
 
-    def _completion(self, token_ids: list[int], stopped: bool, stop: tuple[str, ...]) -> Completion:
+    def _completion(self, token_ids: list[int], stopped: bool, logprobs: list[float] | None, stop: tuple[str, ...]) -> Completion:
         text = self.tokenizer.decode(token_ids, skip_special_tokens=True)
         cut = min((i for i in (text.find(s) for s in stop) if i >= 0), default=-1)
         return Completion(token_ids=token_ids, text=text[:cut] if cut >= 0 else text,
-                          finish_reason="stop" if stopped else "length")
+                          finish_reason="stop" if stopped else "length", logprobs=logprobs)
 
 
 def _as_list(x) -> list:
