@@ -9,9 +9,10 @@ It computes the same logits as transformers' forward up to float rounding (``tes
 1e-5, and the same sampled tokens).
 
 Measured on one CPU thread (the quick bench's 16 prompts x 8 samples): sampling 0.52 -> 0.44 s, and VinePPO's MC
-rollouts 4.5 -> 3.1 s; the shared prefix then took the engine bench's MC workload (148 states x 9) 2.67 -> 2.43 s
-and 32 prompts x 8 samples 0.58 -> 0.55 s. The training forwards (log-probs, update, critic) keep transformers' forward: the same lean
-forward there measured no faster (their time is in the matmuls; ``benchmarks/README.md``, "Speed").
+rollouts 4.5 -> 3.1 s; the shared prefix then took ``benchmarks/engine_bench.py``'s MC workload (148 states x 9)
+2.7 -> 2.2 s and its 32 prompts x 8 samples 0.59 -> 0.49 s. The training forwards (log-probs, update, critic) keep
+transformers' forward: the same lean forward there measured no faster (their time is in the matmuls;
+``benchmarks/README.md``, "Speed").
 
 ``supports(model)`` says whether a model can take it: exactly a transformers ``LlamaForCausalLM`` (no subclass, no
 wrapper) with SiLU, no MLP bias and standard attention; every other ``AutoModelForCausalLM`` keeps transformers' forward.
@@ -122,8 +123,8 @@ class SharedPrefixCache:
     Rather than copying a prompt's W keys to each of its rows, a step places the rows' queries in a grid
     [U, kv_heads, slots x group, head_dim] (row b at its prompt and its slot: its rank among the prompt's rows at
     fan-out; the slots of finished rows stay empty) and multiplies each prompt's keys and values once with all its
-    rows' queries. The generated tokens, all visible to their row, take per-row products; one softmax runs over a
-    row's prefix and generated scores together.
+    rows' queries. The generated tokens, all visible to their row, take per-row products over a time-major buffer
+    [max_new, B, kv_heads, head_dim]; one softmax runs over a row's prefix and generated scores together.
     """
 
     def __init__(self, prefix: list[tuple[torch.Tensor, torch.Tensor]], prefix_mask: torch.Tensor,
@@ -141,17 +142,18 @@ class SharedPrefixCache:
         # index_copy_ moves rows in and out of the grid (advanced indexing over two dimensions is ~4x slower)
         heads = torch.arange(kv_heads, device=prompt_of.device)
         self.cell = (prompt_of[:, None] * kv_heads + heads) * self.slots + slot_of[:, None]
-        self.suffix = [tuple(x.new_empty(len(prompt_of), kv_heads, max_new, x.shape[3]) for x in layer) for layer in prefix]
+        # [max_new, B, kv, hd]: time first, so that a step reads its rows' generated keys as one dense block
+        self.suffix = [tuple(x.new_empty(max_new, len(prompt_of), kv_heads, x.shape[3]) for x in layer) for layer in prefix]
         self.length = 0  # tokens in the suffix buffers before this step
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scaling: float) -> torch.Tensor:
         """The attention output [B, heads, 1, hd] of a decode step's queries q [B, heads, 1, hd]; this token's keys and
         values k, v [B, kv_heads, 1, hd] join the suffix (the step's length moves on after the last layer)."""
         prefix_k, prefix_v = self.prefix[layer]  # [U, kv, W, hd]
-        suffix_k, suffix_v = self.suffix[layer]  # [B, kv, max_new, hd]
+        suffix_k, suffix_v = self.suffix[layer]  # [max_new, B, kv, hd]
         t = self.length
-        suffix_k[:, :, t], suffix_v[:, :, t] = k[:, :, 0], v[:, :, 0]
-        suffix_k, suffix_v = suffix_k[:, :, : t + 1], suffix_v[:, :, : t + 1]  # [B, kv, t + 1, hd]
+        suffix_k[t], suffix_v[t] = k[:, :, 0], v[:, :, 0]
+        suffix_k, suffix_v = suffix_k[: t + 1, :, :, None], suffix_v[: t + 1, :, :, None]  # [t + 1, B, kv, 1, hd]
         B, heads, _, hd = q.shape
         U, kv_heads, W, _ = prefix_k.shape
         group = heads // kv_heads  # grouped-query attention: query head h reads key/value head h // group
@@ -160,13 +162,13 @@ class SharedPrefixCache:
         grid = q.new_zeros(U * kv_heads * self.slots, group, hd).index_copy_(0, cell, q.flatten(0, 1))
         prefix_scores = grid.view(U, kv_heads, self.slots * group, hd) @ prefix_k.transpose(-1, -2) + self.bias
         prefix_scores = prefix_scores.view(-1, group, W).index_select(0, cell).view(B, kv_heads, group, W)
-        # the suffix as products and sums: ~3x faster than a bmm of B x kv tiny [group, hd] @ [hd, t] matrices
-        suffix_scores = (q[:, :, :, None] * suffix_k[:, :, None]).sum(-1)  # [B, kv, group, t + 1]
-        probs = torch.softmax(torch.cat([prefix_scores, suffix_scores], dim=-1), dim=-1)  # [B, kv, group, W + t + 1]
+        # the suffix as products and sums over its dense [t + 1, B, kv] block (B x kv bmms measured ~1% slower)
+        suffix_scores = (q * suffix_k).sum(-1)  # [t + 1, B, kv, group]
+        probs = torch.softmax(torch.cat([prefix_scores, suffix_scores.permute(1, 2, 3, 0)], dim=-1), dim=-1)
         grid = probs.new_zeros(U * kv_heads * self.slots, group, W).index_copy_(0, cell, probs[..., :W].flatten(0, 1))
         prefix_out = grid.view(U, kv_heads, self.slots * group, W) @ prefix_v  # [U, kv, slots x group, hd]
         prefix_out = prefix_out.view(-1, group, hd).index_select(0, cell).view(B, kv_heads, group, hd)
-        out = prefix_out + (probs[..., W:, None] * suffix_v[:, :, None]).sum(-2)  # [B, kv, group, hd]
+        out = prefix_out + (probs[..., W:].permute(3, 0, 1, 2)[..., None] * suffix_v).sum(0)  # [B, kv, group, hd]
         if layer == len(self.prefix) - 1:
             self.length += 1
         return out.view(B, heads, 1, hd)
@@ -175,8 +177,8 @@ class SharedPrefixCache:
         """As ``_KVBuffer.drop_rows``: rows ``movers`` move into rows ``holes`` and the first ``batch`` rows stay;
         only the tokens a row generated are copied, and its grid cells move with it."""
         for k, v in self.suffix:
-            k[holes, :, : self.length] = k[movers, :, : self.length]
-            v[holes, :, : self.length] = v[movers, :, : self.length]
-        self.suffix = [(k[:batch], v[:batch]) for k, v in self.suffix]
+            k[: self.length, holes] = k[: self.length, movers]
+            v[: self.length, holes] = v[: self.length, movers]
+        self.suffix = [(k[:, :batch], v[:, :batch]) for k, v in self.suffix]
         self.cell[holes] = self.cell[movers]
         self.cell = self.cell[:batch]
