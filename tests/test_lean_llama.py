@@ -1,5 +1,6 @@
 """The speed paths against the plain ones on tiny real models: the torch engine's lean Llama decode step gives
-transformers' logits (within 1e-5) and the same sampled tokens, other architectures keep transformers' forward;
+transformers' logits (within 1e-5) and the same sampled tokens, also attending over one shared copy of each
+prompt's prefill while rows leave the batch; other architectures keep transformers' forward;
 micro-batches of rows of similar length cut to their longest row give the log-probs and the PPO update of one
 padded batch (within float rounding); a short training run's metrics agree with the fast paths on and off."""
 
