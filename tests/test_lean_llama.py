@@ -1,5 +1,6 @@
 """The speed paths against the plain ones on tiny real models: the torch engine's lean Llama decode step gives
-transformers' logits (within 1e-5) and the same sampled tokens, other architectures keep transformers' forward;
+transformers' logits (within 1e-5) and the same sampled tokens, also attending over one shared copy of each
+prompt's prefill while rows leave the batch; other architectures keep transformers' forward;
 micro-batches of rows of similar length cut to their longest row give the log-probs and the PPO update of one
 padded batch (within float rounding); a short training run's metrics agree with the fast paths on and off."""
 
@@ -14,7 +15,7 @@ from transformers.cache_utils import Cache
 from rlzoo import lean_llama, ppo, runs
 from rlzoo.engine import SamplingParams
 from rlzoo.engine.torch_engine import TorchEngine, _KVBuffer
-from test_engine import PROMPTS, char_tokenizer, encode, tiny_llama
+from test_engine import PROMPTS, char_tokenizer, encode, make_eos_follow, tiny_llama
 
 LOGIT_ATOL = 1e-5  # lean vs transformers logits (values of order 1-10): float32 rounding of a different op order
 METRIC_RTOL = 1e-4  # a 2-iteration run's float metrics, fast paths on vs off
@@ -63,6 +64,52 @@ def test_lean_decode_gives_transformers_logits_and_the_same_samples(tokenizer):
         reference = engine.generate(prompts, params)
     assert [[c.token_ids for c in g] for g in sampled] == [[c.token_ids for c in g] for g in reference]
     assert len({tuple(c.token_ids) for g in sampled for c in g}) > len(PROMPTS)  # real sampling, not one answer
+
+
+def _recorded_generate(engine, prompts, params, budgets=None):
+    """``engine.generate``'s token ids, and per model call the logits [B, V] it returned and its cache's type."""
+    calls, model_call = [], engine._model_call
+
+    def recording():
+        forward = model_call()
+
+        def record(input_ids, attention_mask, position_ids, cache):
+            logits = forward(input_ids, attention_mask, position_ids, cache)
+            calls.append((logits.clone(), type(cache)))
+            return logits
+
+        return record
+
+    engine._model_call = recording
+    try:
+        groups = engine.generate(prompts, params, budgets)
+    finally:
+        del engine._model_call
+    return [[c.token_ids for c in g] for g in groups], calls
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_shared_prefix_decode_gives_transformers_logits_as_rows_finish(tokenizer, temperature):
+    """Each prompt's prefill is read once for all its rows: every decode step's logits match transformers' forward
+    on per-row caches, while rows of mixed prompt lengths, repeated prompts and different budgets finish at
+    different steps (and leave the batch)."""
+    model = tiny_llama(tokenizer)  # grouped-query attention: 4 heads over 2 key/value heads
+    make_eos_follow(model, tokenizer, "3")  # greedy completions end at different lengths too
+    engine = TorchEngine(model, tokenizer, max_batch_size=12)
+    prompts = encode(tokenizer, PROMPTS + ["17+25*3?\n"])  # "1+2?\n" and "17+25*3?\n" twice, the same budget
+    budgets = [10, 10, 3, 10, 7, 1, 5, 10]
+    params = SamplingParams(n=4, temperature=temperature, max_new_tokens=10, seed=5)
+    tokens, calls = _recorded_generate(engine, prompts, params, budgets)
+    with lean_llama.disabled():
+        reference, reference_calls = _recorded_generate(engine, prompts, params, budgets)
+    assert tokens == reference
+    assert len(calls) == len(reference_calls)
+    for (a, cache), (b, _) in zip(calls, reference_calls):
+        assert a.shape == b.shape and torch.allclose(a, b, atol=LOGIT_ATOL, rtol=0)
+    decode_batches = [len(a) for a, cache in calls if cache is lean_llama.SharedPrefixCache]
+    assert decode_batches and any(b < a for a, b in zip(decode_batches, decode_batches[1:]))  # rows left mid-chunk
+    lengths = {len(ids) for group in tokens for ids in group}
+    assert len(lengths) >= 3 and min(lengths) < 10  # stopped at EOS or by budget at several steps
 
 
 def test_other_architectures_keep_the_transformers_forward(tokenizer):

@@ -5,7 +5,8 @@
 
 What makes it faster than ``model.generate()`` on rollout workloads:
 - prefix sharing: identical prompts (e.g. VinePPO's K continuations of one state) are prefilled once
-  and their KV cache rows are copied to each sample;
+  and their KV cache rows are copied to each sample (the lean Llama step copies nothing: its samples
+  attend over the one prefilled copy, ``lean_llama.SharedPrefixCache``);
 - a row leaves the batch the step it finishes: running rows from the end of the batch move into
   the freed slots (copying as many cache rows as finished), so a batch of mixed-length completions
   costs the tokens it generates, not rows × the longest;
@@ -267,14 +268,19 @@ class TorchEngine:
             attention_mask[u, width - len(prompt) :] = 1
         input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
         position_ids = (attention_mask[:, :width].cumsum(-1) - 1).clamp(min=0)  # [U, W]; padding gets 0, it is masked anyway
-        cache = Cache(layers=[_KVBuffer(width + max_new) for _ in range(self._num_layers())])
+        lean = lean_llama.supports(self.model)  # its decode steps read one shared copy of each prompt's cache
+        cache = Cache(layers=[_KVBuffer(width if lean else width + max_new) for _ in range(self._num_layers())])
         logits = forward(input_ids, attention_mask[:, :width], position_ids, cache)  # [U, V]
         self.stats.forward_tokens += num_prompts * width
         self.stats.extra["prefill_tokens"] = self.stats.extra.get("prefill_tokens", 0) + num_prompts * width
 
-        # Fan each prompt's cache out to its rows.
+        # Fan each prompt's cache out to its rows (the lean step reads it in place).
         expand = expand.to(device)
-        cache.batch_select_indices(expand)
+        if lean:
+            cache = lean_llama.SharedPrefixCache([(layer.keys, layer.values) for layer in cache.layers],
+                                                 attention_mask[:, :width], expand, max_new)
+        else:
+            cache.batch_select_indices(expand)
         logits, attention_mask = logits[expand], attention_mask[expand]
         next_position = position_ids[expand, -1] + 1  # [B] position of the token each row feeds next
         keys, limits = keys.to(device), limits.to(device)  # [B] int64, [B] long
@@ -312,7 +318,7 @@ class TorchEngine:
                 running = len(rows) - num_finished
                 holes = finished[:running].nonzero().squeeze(-1)  # finished rows in the part that stays
                 movers = (~finished[running:]).nonzero().squeeze(-1) + running  # running rows in the part that goes
-                for layer in cache.layers:
+                for layer in [cache] if lean else cache.layers:
                     layer.drop_rows(holes, movers, running)
                 order = torch.arange(running, device=device)  # [B'] where each remaining row comes from
                 order[holes] = movers
