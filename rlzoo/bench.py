@@ -597,15 +597,23 @@ def build_base_policies(plan: BenchPlan, console) -> None:
 TUNING_DONE = ("finished", "skipped", "diverged")  # a tuning run in one of these states has its result
 
 
+def run_env(jobs: int) -> dict[str, str]:
+    """The environment of a bench's runs: cores // jobs threads each (OpenMP and MKL alike; a user's own setting wins).
+    Float results are bit-identical between runs only at the same thread counts: a run started by hand reproduces a
+    bench's run under this environment."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        env.setdefault(var, str(max(1, (os.cpu_count() or 1) // jobs)))
+    return env
+
+
 def _run_bench_locked(plan: BenchPlan, out: Path, jobs: int, leaderboard: Path | None, console) -> BenchResult:
     from rich.console import Console
     from rich.live import Live
 
     console = console or Console(stderr=True)
     saved = check_plan(plan, out)
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):  # a user's own setting wins
-        env.setdefault(var, str(max(1, (os.cpu_count() or 1) // jobs)))
+    env = run_env(jobs)
     command = bench_command(plan, out, jobs, leaderboard)
     saved["sessions"].append({"started": datetime.now(timezone.utc).isoformat(timespec="seconds"), "command": command,
                               "jobs": jobs, "omp_num_threads": env["OMP_NUM_THREADS"]})
