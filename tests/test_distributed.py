@@ -155,6 +155,30 @@ def test_vineppo_mc_values_split_over_two_ranks_equal_one_process(tiny_policy_pa
     _assert_same_weights(_weights(tmp_path / "two"), _weights(tmp_path / "one"))
 
 
+# What each splits over ranks: spo_chain and vineppo_adaptive their MC rollouts (the adaptive one round by round,
+# every rank settling the same states), prime its implicit PRM's update (a second module trained through DDP).
+ZOO_2025 = {
+    "spo_chain": ["spo_chain.group_size = 4", "spo_chain.k = 2", "spo_chain.cutpoint_interval = 2"],
+    "vineppo_adaptive": ["vineppo_adaptive.group_size = 4", "vineppo_adaptive.k_first = 2", "vineppo_adaptive.round_size = 2",
+                         "vineppo_adaptive.k_max = 6", "vineppo_adaptive.budget = 3.0"],
+    "prime": ["prime.group_size = 4", "prime.micro_batch_size = 4", "prime.prm_lr = 1e-4"],
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("algo", list(ZOO_2025))
+def test_the_2025_strategies_over_two_ranks_equal_one_process(algo, tiny_policy_path, tmp_path):
+    _two_ranks(_args(algo, tiny_policy_path, tmp_path / "two", ZOO_2025[algo]))
+    _one_process(_args(algo, tiny_policy_path, tmp_path / "one", ZOO_2025[algo]))
+    two, one = _comparable(tmp_path / "two"), _comparable(tmp_path / "one")
+    _assert_same_metrics(two, one)  # credit/* (the MC values' and the PRM's statistics), tokens, losses ...
+    _assert_same_weights(_weights(tmp_path / "two"), _weights(tmp_path / "one"), start=load_file(tiny_policy_path / "model.safetensors"))
+    if algo == "prime":
+        _assert_same_weights(_weights(tmp_path / "two", "prm/model.safetensors"), _weights(tmp_path / "one", "prm/model.safetensors"))
+    else:
+        assert all(r["tokens_iter/mc"] > 0 for r in two if r["kind"] == "train")
+
+
 @pytest.mark.slow
 def test_spo_tree_sampled_over_two_ranks_equals_one_process(tiny_policy_path, tmp_path):
     # A strategy that owns the shape of its samples: each level's nodes draw the keys one process gives them.
