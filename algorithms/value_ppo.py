@@ -14,7 +14,8 @@ from torch import nn
 from rlzoo import distributed
 from rlzoo.algorithms import ESTIMATORS, Credit, Estimator
 from rlzoo.errors import UserError
-from rlzoo.ppo import PPOConfig, length_buckets, masked_mean, micro_batch_rows, minibatch_indices, row_lengths, value_loss
+from rlzoo.ppo import (PPOConfig, forward_rows, masked_mean, micro_batch_rows, minibatch_indices, model_inputs, plan_rows, row_lengths,
+                       training_forward, value_loss)
 from rlzoo.seeds import Salt, derive_seed
 
 
@@ -34,8 +35,10 @@ class ValueModel(nn.Module):
         nn.init.zeros_(self.head.weight)  # V = 0 everywhere at the start: the critic learns its scale
         nn.init.zeros_(self.head.bias)
 
-    def forward(self, input_ids, attention_mask):
-        hidden = self.body(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # [B, L, H]
+    def forward(self, input_ids, attention_mask, position_ids=None, cache=None):
+        """``position_ids`` and ``cache``: the rows continue sequences whose earlier keys and values the cache holds."""
+        hidden = self.body(input_ids=input_ids, attention_mask=attention_mask,
+                           **model_inputs(self.body, position_ids, cache)).last_hidden_state  # [B, L, H]
         v = self.head(hidden.float()).squeeze(-1)  # [B, L]: value of the prefix ending at each token
         return nn.functional.pad(v[:, :-1], (1, 0))  # shift: the state *before* token i
 
@@ -100,24 +103,26 @@ class ValuePPO(Estimator):
                                    lr_lambda=schedule)
 
     @torch.no_grad()
-    def predict(self, input_ids, attention_mask) -> torch.Tensor:  # [B, L]
-        """Values of every row, each rank predicting its part of the rows."""
+    def predict(self, input_ids, attention_mask, prompt_lens: torch.Tensor | None = None) -> torch.Tensor:  # [B, L]
+        """Values of every row, each rank predicting its part of the rows; ``prompt_lens`` [B]: each distinct
+        prompt run once (``ppo.plan_rows``)."""
         self.critic.eval()
 
         def part(rows: range) -> torch.Tensor:
             ids, attn = input_ids[rows.start : rows.stop], attention_mask[rows.start : rows.stop]
-            out = torch.zeros(ids.shape, dtype=torch.float32, device=ids.device)  # [b, L], 0 past a micro-batch's longest row (padding, never read)
-            lengths = row_lengths(attn)
-            for group in length_buckets(lengths, self.micro_batch_size):  # rows of similar length, cut to the longest
-                group, width = group.to(ids.device), max(int(lengths[group].max()), 1)
-                out[group, :width] = self.critic(ids[group, :width], attn[group, :width]).float()
+            out = torch.zeros(ids.shape, dtype=torch.float32, device=ids.device)  # [b, L], 0 off the rows' own positions (never read)
+            plan = plan_rows(ids, attn, self.micro_batch_size, None if prompt_lens is None else prompt_lens[rows.start : rows.stop])
+            values = forward_rows(self.critic, lambda i, m, cache: self.critic(i, m, None, cache), ids, attn, plan)  # rows of similar length, cut to the longest
+            if values is not None:
+                out[:, : values.shape[1]] = values.float()
             return out
 
         return distributed.gather_rows(part, input_ids.shape[0])
 
     def advantages(self, batch, ctx) -> Credit:
         mask = batch.response_mask
-        values = self.predict(batch.input_ids.to(ctx.device), batch.attention_mask.to(ctx.device)) * mask  # [B, L]
+        values = self.predict(batch.input_ids.to(ctx.device), batch.attention_mask.to(ctx.device),
+                              batch.prompt_lens if ctx.share_prompts else None) * mask  # [B, L]
         advantages, returns = gae(batch.token_rewards, values, mask, self.gamma, self.lam)
         residual_var = masked_mean((returns - values - masked_mean(returns - values, mask)) ** 2, mask)
         returns_var = masked_mean((returns - masked_mean(returns, mask)) ** 2, mask)
@@ -162,15 +167,18 @@ class ValuePPO(Estimator):
         generator = torch.Generator().manual_seed(derive_seed(ctx.seed, 0, Salt.CRITIC_MINIBATCHES + 7 * ctx.iteration))
         device, losses = ctx.device, []
         lengths = row_lengths(batch.attention_mask)  # [B]
+        prefill = lambda i, m, cache: self.trainer(i, m, None, cache)  # noqa: E731
         for rows in minibatch_indices(batch.size, self.critic_epochs, self.critic_minibatches, generator):
             n_tokens = batch.response_mask[rows].sum().clamp(min=1).to(device)  # of the global minibatch
-            micro_batches = micro_batch_rows(distributed.split_rows(rows), lengths, self.micro_batch_size)
+            micro_batches = micro_batch_rows(distributed.split_rows(rows), batch.group_ids, self.micro_batch_size)
             total = nonfinite = 0.0
             for i, micro in enumerate(micro_batches):
                 width = max(int(lengths[micro].max()), 1)  # the columns after the longest row are padding
                 with self.trainer.accumulating(last=i == len(micro_batches) - 1):
                     mask = batch.response_mask[micro, :width].to(device)
-                    values = self.trainer(batch.input_ids[micro, :width].to(device), batch.attention_mask[micro, :width].to(device))
+                    values, _ = training_forward(self.trainer, self.trainer, prefill, batch.input_ids[micro, :width].to(device),
+                                                 batch.attention_mask[micro, :width].to(device),
+                                                 batch.prompt_lens[micro] if ctx.share_prompts else None)
                     per_token = value_loss(values, credit.values[micro, :width].to(device), credit.returns[micro, :width].to(device),
                                            mask, self.value_clip)
                     loss = (per_token * mask).sum() / n_tokens

@@ -157,7 +157,10 @@ class CountingEngine:
 
 
 class RowMeter:
-    """Rows and unpadded token positions run through a module (a critic), counted by a forward pre-hook."""
+    """Rows scored and unpadded token positions run through a module (a critic) called as (input_ids,
+    attention_mask, position_ids, cache), counted by a forward pre-hook. Shared prompts (``ppo.forward_rows``): a
+    prefill into an empty cache counts its positions, not its rows; a call continuing a cache counts its own
+    positions (its attention mask also covers the cached prompt)."""
 
     def __init__(self, module):
         self.rows = self.tokens = 0
@@ -166,9 +169,10 @@ class RowMeter:
     def _count(self, module, args, kwargs) -> None:
         ids = kwargs.get("input_ids", args[0] if args else None)  # [b, L]
         mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)  # [b, L]
+        cache = kwargs.get("cache", args[3] if len(args) > 3 else None)
         if isinstance(ids, torch.Tensor):
-            self.rows += ids.shape[0]
-            self.tokens += int(mask.sum()) if isinstance(mask, torch.Tensor) else ids.numel()
+            self.rows += 0 if cache is not None and cache.get_seq_length() == 0 else ids.shape[0]
+            self.tokens += int(mask[:, -ids.shape[1]:].sum()) if isinstance(mask, torch.Tensor) else ids.numel()
 
     def close(self) -> None:
         if self.handle is not None:

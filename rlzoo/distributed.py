@@ -269,6 +269,12 @@ class Trained:
     def __call__(self, *args, **kwargs):
         return self.forward(*args, **kwargs)
 
+    @property
+    def direct(self) -> bool:
+        """Whether a training forward runs the plain module (one process, no DeepSpeed): several forwards may then
+        feed one backward (length buckets, shared prompts). DDP and DeepSpeed pair each backward with one forward."""
+        return self.forward is self.module
+
     def train(self, mode: bool = True) -> None:
         self.module.train(mode)
 

@@ -6,6 +6,7 @@ Every per-token tensor is ``[B, L]`` aligned with the token it scores (see ``rlz
 
 from __future__ import annotations
 
+import inspect
 import math
 from dataclasses import dataclass
 from typing import Iterator
@@ -35,6 +36,7 @@ class PPOConfig:
     micro_batch_size: int = 64  # rows per forward/backward (gradient accumulation inside a minibatch)
     max_grad_norm: float = 1.0  # gradient clipping
     ratio_skip_threshold: float = 5.0  # a minibatch whose mean ratio exceeds this (or 1/this) is skipped and counted
+    share_prompts: bool = True  # training and scoring forwards run each distinct prompt once per micro-batch (a KV cache its rows attend to); False runs every row whole
 
     def __post_init__(self):
         from rlzoo.errors import UserError, check_ranges
@@ -65,14 +67,28 @@ def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: floa
     return logits.gather(-1, tokens[..., None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
 
 
-def forward_logprobs(model, input_ids, attention_mask, temperature: float = 1.0, with_entropy: bool = False):
+def model_inputs(model, position_ids: torch.Tensor | None = None, cache=None) -> dict:
+    """Keyword arguments of a transformers forward for explicit ``position_ids`` and a KV ``cache`` (read, and
+    filled in place with this call's keys and values): transformers 5 names the cache argument ``cache``,
+    older versions ``past_key_values``."""
+    kwargs = {} if position_ids is None else {"position_ids": position_ids}
+    if cache is not None:
+        parameters = inspect.signature(getattr(model, "module", model).forward).parameters  # a Trained: its plain module
+        kwargs |= {"cache" if "cache" in parameters else "past_key_values": cache, "use_cache": True}
+    return kwargs
+
+
+def forward_logprobs(model, input_ids, attention_mask, temperature: float = 1.0, with_entropy: bool = False,
+                     position_ids: torch.Tensor | None = None, cache=None):
     """Log-prob of each token under ``model`` at sampling temperature ``temperature``.
 
     Returns logprobs [B, L] (0 at position 0) and, if asked, entropy [B, L] of the distribution each
     token was drawn from. Dividing by the temperature makes the ratio compare the distributions the
-    tokens were actually sampled from (as verl does).
+    tokens were actually sampled from (as verl does). ``position_ids`` and ``cache``: the rows continue
+    sequences whose earlier keys and values the cache holds (``forward_rows``).
     """
-    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1]  # [B, L-1, V]
+    logits = model(input_ids=input_ids, attention_mask=attention_mask,
+                   **model_inputs(model, position_ids, cache)).logits[:, :-1]  # [B, L-1, V]
     logprobs = F.pad(token_logprobs(logits, input_ids[:, 1:], temperature), (1, 0))  # [B, L]
     if not with_entropy:
         return logprobs, None
@@ -92,19 +108,27 @@ def row_lengths(attention_mask: torch.Tensor) -> torch.Tensor:
 
 
 # A forward call's fixed cost (Python, op dispatch, smaller matmuls) in token positions. Measured on one CPU thread
-# with the built-in policy (a 64-row minibatch of the quick bench, forward + backward): 11 groups cut to their
-# longest rows (C = 0) ran faster than 2 groups (C = 256) or one padded to the longest (C = inf): calls are cheap.
-CALL_OVERHEAD_TOKENS = 32
+# with the built-in policy: a forward + backward of transformers' Llama costs ~5 ms however small its input, and
+# ~0.07 ms per position beyond it. On a quick-bench batch (the update's 64-row and the critic's 32-row minibatches,
+# forward + backward, best of 3): C = 0 (a call per distinct length) 1.08 / 1.33 s, 32: 0.85 / 0.93 s, 64: 0.83 /
+# 0.90 s, 128: 0.82 / 0.92 s, 256: 0.90 / 0.96 s (policy / critic). A call continuing a KV cache of shared prompts
+# (``forward_rows``) costs more (the cache gathered per layer, a mask over the prompt): counting it 32 positions
+# more keeps sharing where it pays (the update's minibatches: 0.79 vs 0.82 s) and not where it does not (the
+# critic's, ~2 rows per prompt: 0.94 s shared vs 0.92 s whole; with the extra cost it runs them whole).
+CALL_OVERHEAD_TOKENS = 64
+CACHED_CALL_TOKENS = 32
 
 
-def length_buckets(lengths: torch.Tensor, max_rows: int, overhead_tokens: int = CALL_OVERHEAD_TOKENS) -> list[torch.Tensor]:
+def length_buckets(lengths: torch.Tensor, max_rows: int, overhead_tokens: int | None = None) -> list[torch.Tensor]:
     """Split rows into micro-batches of at most ``max_rows`` rows of similar length, each to be cut to its longest row.
 
     Rows padded to the longest of the batch run its padding through every matmul; sorted by length and cut
     into contiguous groups, a group runs only to its own longest row. The groups minimise the positions run
-    (rows x longest row, summed) plus ``overhead_tokens`` per group (dynamic programming over the sorted rows).
+    (rows x longest row, summed) plus ``overhead_tokens`` per group (default ``CALL_OVERHEAD_TOKENS``; dynamic
+    programming over the sorted rows).
     lengths: [n] long. Returns the groups' indices into ``lengths``, in order of length.
     """
+    overhead_tokens = CALL_OVERHEAD_TOKENS if overhead_tokens is None else overhead_tokens
     order = torch.sort(lengths, stable=True).indices
     sorted_lengths = lengths[order].tolist()
     n = len(sorted_lengths)
@@ -123,25 +147,146 @@ def length_buckets(lengths: torch.Tensor, max_rows: int, overhead_tokens: int = 
     return groups[::-1]
 
 
-def positions_run(attention_mask: torch.Tensor, micro_batch_size: int) -> int:
-    """Token positions ``batched_logprobs`` runs through the model for rows ``attention_mask`` [B, L]: each
-    micro-batch's rows x its longest row (the FLOPs estimate counts them, padding included)."""
-    lengths = row_lengths(attention_mask)
-    return sum(len(rows) * max(int(lengths[rows].max()), 1) for rows in length_buckets(lengths, micro_batch_size))
+@dataclass
+class RowPlan:
+    """How ``forward_rows`` runs rows [b, L]: length buckets, and each distinct prompt's positions once.
+
+    Every row runs its own positions from ``start`` on (its suffix); positions before ``start`` are its prompt's
+    first P - 1 tokens, run once per distinct prompt (``prefix_ids`` [U, P], right-padded, ``prefix_mask``) into
+    a KV cache that the row's suffix attends to. The prompt's last token stays in the suffix: its output scores
+    the response's first token. A row that shares no prompt has ``start`` 0 and ``owner`` -1 and runs whole in
+    calls without a cache. Without sharing, ``start`` is 0 everywhere and there are no prefixes.
+    """
+
+    start: torch.Tensor  # [b] long: first position each row runs itself
+    suffix_lens: torch.Tensor  # [b] long: positions each row runs itself (its length - start)
+    buckets: list[torch.Tensor]  # row indices of each call, rows of similar suffix length (``length_buckets``)
+    owner: torch.Tensor | None = None  # [b] long: the row's prompt in prefix_ids (-1: none)
+    prefix_ids: torch.Tensor | None = None  # [U, P] long
+    prefix_mask: torch.Tensor | None = None  # [U, P] long
+
+    @property
+    def positions(self) -> int:
+        """Token positions run through the model (each call's rows x its longest suffix, padding included)."""
+        shared = 0 if self.prefix_ids is None else self.prefix_ids.numel()
+        return shared + sum(len(rows) * max(int(self.suffix_lens[rows].max()), 1) for rows in self.buckets)
+
+    @property
+    def cost(self) -> int:
+        """Positions run plus each call's fixed cost (``CALL_OVERHEAD_TOKENS``; the prefill is a call too)."""
+        cached = sum(int(self.start[rows[0]]) > 0 for rows in self.buckets)
+        calls = len(self.buckets) + (self.prefix_ids is not None)
+        return self.positions + CALL_OVERHEAD_TOKENS * calls + CACHED_CALL_TOKENS * cached
+
+
+def plan_rows(input_ids, attention_mask, max_rows: int, prompt_lens: torch.Tensor | None = None) -> RowPlan:
+    """Plan ``forward_rows`` for right-padded rows ``input_ids``/``attention_mask`` [b, L]; ``prompt_lens`` [b]
+    (None: no sharing) are the prompt tokens at the start of each row. Rows whose first P - 1 tokens are equal
+    (compared by content: whichever strategy grouped them) share them; a prompt of one row runs whole in its row.
+    The plan with sharing is kept only if it costs less than the plain one (``RowPlan.cost``: prompts padded to
+    the longest cost positions too, and every call its fixed cost)."""
+    lengths = row_lengths(attention_mask).cpu()  # [b]
+    zero = torch.zeros_like(lengths)
+    plain = RowPlan(start=zero, suffix_lens=lengths, buckets=length_buckets(lengths, max_rows))
+    if prompt_lens is None or not len(lengths):
+        return plain
+    start = torch.minimum(prompt_lens.cpu() - 1, lengths - 1).clamp(min=0)  # [b] the prompt's last token stays in the row
+    rows = input_ids.cpu().tolist()
+    prefixes = [tuple(row[:n]) for row, n in zip(rows, start.tolist())]
+    counts: dict[tuple, int] = {}
+    for prefix in prefixes:
+        counts[prefix] = counts.get(prefix, 0) + 1
+    shared = torch.tensor([n > 0 and counts[prefix] > 1 for prefix, n in zip(prefixes, start.tolist())])  # [b]
+    if not shared.any():
+        return plain
+    start = torch.where(shared, start, zero)
+    suffix_lens = lengths - start
+    buckets = []
+    for part in (shared.nonzero().squeeze(1), (~shared).nonzero().squeeze(1)):  # a call either continues prompts or not
+        buckets += [part[group] for group in length_buckets(suffix_lens[part], max_rows)] if len(part) else []
+    prompts: dict[tuple, int] = {}
+    owner = torch.tensor([prompts.setdefault(prefix, len(prompts)) if s else -1 for prefix, s in zip(prefixes, shared.tolist())])
+    prefix_ids = torch.zeros(len(prompts), int(start.max()), dtype=torch.long)  # [U, P]; padding is masked
+    prefix_mask = torch.zeros_like(prefix_ids)  # [U, P]
+    for prompt, u in prompts.items():
+        prefix_ids[u, : len(prompt)], prefix_mask[u, : len(prompt)] = torch.tensor(prompt), 1
+    plan = RowPlan(start=start, suffix_lens=suffix_lens, buckets=buckets, owner=owner, prefix_ids=prefix_ids, prefix_mask=prefix_mask)
+    return plan if plan.cost < plain.cost else plain
+
+
+def forward_rows(fn, prefill, input_ids, attention_mask, plan: RowPlan):
+    """Per-token outputs of ``fn`` over rows [b, L] run as ``plan`` says, in the rows' layout [b, W] (W: the
+    longest row), 0 where no row's own position ran (its shared prompt, padding). With autograd on, one backward
+    through the result reaches every call (the shared prefixes included).
+
+    fn(input_ids [n, S], attention_mask [n, P + S], position_ids [n, S] | None, cache | None) -> a tensor or a tuple
+    of tensors (or None) [n, S] aligned with input_ids (column 0, a row's first own position, is never read: it
+    scores no response token). prefill(input_ids [U, P], attention_mask [U, P], cache) runs the shared prompts
+    into ``cache``.
+    """
+    from transformers.cache_utils import DynamicCache
+
+    device = input_ids.device
+    b = len(plan.start)
+    W = max(int((plan.start + plan.suffix_lens).max()), 1) if b else 1
+    kv = None
+    if plan.prefix_ids is not None:
+        cache = DynamicCache()
+        prefix_mask = plan.prefix_mask.to(device)  # [U, P]
+        prefill(plan.prefix_ids.to(device), prefix_mask, cache)
+        kv = [(layer.keys, layer.values) for layer in cache.layers]  # [U, heads, P, head_dim] per layer
+    placed, outputs = [], None
+    for rows in plan.buckets:
+        S = max(int(plan.suffix_lens[rows].max()), 1)
+        cols = plan.start[rows, None] + torch.arange(S)  # [n, S] position of each column of the call
+        own = torch.arange(S) < plan.suffix_lens[rows, None]  # [n, S] the row's own positions (the rest is padding)
+        rows_d, cols_d, own_d = rows.to(device), cols.to(device), own.to(device)
+        at = cols_d.clamp(max=input_ids.shape[1] - 1)
+        ids, own_mask = input_ids[rows_d].gather(1, at), attention_mask[rows_d].gather(1, at) * own_d  # [n, S]
+        if kv is None or int(plan.start[rows[0]]) == 0:  # rows that share no prompt (``plan_rows``)
+            out = fn(ids, own_mask, None, None)
+        else:
+            owner = plan.owner[rows].to(device)
+            cache = DynamicCache()
+            for i, (k, v) in enumerate(kv):
+                cache.update(k[owner], v[owner], i)
+            mask = torch.cat([prefix_mask[owner], own_mask], 1)  # [n, P + S]
+            out = fn(ids, mask, cols_d, cache)
+        out = out if isinstance(out, tuple) else (out,)
+        placed.append((rows_d[:, None].expand(-1, S)[own_d], cols_d[own_d], [None if o is None else o[own_d] for o in out]))
+        outputs = [None if o is None else o.new_zeros(b, W) for o in out] if outputs is None else outputs
+    if outputs is None:
+        return None
+    rows_at = torch.cat([r for r, _, _ in placed])
+    cols_at = torch.cat([c for _, c, _ in placed])
+    result = []
+    for j, zeros in enumerate(outputs):
+        result.append(None if zeros is None else zeros.index_put((rows_at, cols_at), torch.cat([v[j] for _, _, v in placed])))
+    return tuple(result) if len(result) > 1 else result[0]
+
+
+def policy_prefill(model):
+    """``prefill`` for ``forward_rows`` through a causal LM: its logits are not needed (the last one where the
+    model can skip the LM head on the rest: a prompt's vocabulary-sized logits are wasted work)."""
+    parameters = inspect.signature(getattr(model, "module", model).forward).parameters
+    last = {"logits_to_keep": 1} if "logits_to_keep" in parameters else {}
+    return lambda ids, mask, cache: model(input_ids=ids, attention_mask=mask, **model_inputs(model, None, cache), **last)
 
 
 @torch.no_grad()
-def batched_logprobs(model, input_ids, attention_mask, temperature: float, micro_batch_size: int) -> torch.Tensor:
-    """``forward_logprobs`` in micro-batches of rows of similar length, each cut to its longest row, without
-    gradients: old and reference log-probs [B, L] (read on response tokens only; 0 past a micro-batch's longest row)."""
+def batched_logprobs(model, input_ids, attention_mask, temperature: float, micro_batch_size: int,
+                     prompt_lens: torch.Tensor | None = None) -> torch.Tensor:
+    """``forward_logprobs`` in calls of at most ``micro_batch_size`` rows of similar length, each distinct prompt
+    run once if ``prompt_lens`` [b] is given (``plan_rows``), without gradients: old and reference log-probs [B, L]
+    (read on response tokens only; 0 on a shared prompt's tokens and past a row's end)."""
     was_training = model.training
     model.eval()
+    plan = plan_rows(input_ids, attention_mask, micro_batch_size, prompt_lens)
     out = torch.zeros(input_ids.shape, dtype=torch.float32, device=input_ids.device)  # [B, L]
-    lengths = row_lengths(attention_mask)
-    for rows in length_buckets(lengths, micro_batch_size):
-        rows = rows.to(input_ids.device)
-        width = max(int(lengths[rows].max()), 1)
-        out[rows, :width] = forward_logprobs(model, input_ids[rows, :width], attention_mask[rows, :width], temperature)[0].float()
+    logprobs = forward_rows(lambda ids, mask, pos, cache: forward_logprobs(model, ids, mask, temperature, False, pos, cache)[0],
+                            policy_prefill(model), input_ids, attention_mask, plan)
+    if logprobs is not None:
+        out[:, : logprobs.shape[1]] = logprobs.float()
     model.train(was_training)
     return out
 
@@ -214,13 +359,23 @@ def minibatch_indices(batch_size: int, epochs: int, minibatches: int, generator:
             yield perm[start : start + per]
 
 
-def micro_batch_rows(rows: torch.Tensor, lengths: torch.Tensor, micro_batch_size: int) -> list[torch.Tensor]:
-    """This rank's rows of a minibatch as micro-batches (each to be cut to its longest row). One process groups
-    rows of similar length (``length_buckets``); under data parallelism every rank must run as many
-    micro-batches as the others, so each keeps the plain split of its rows by ``micro_batch_size``."""
-    if distributed.world_size() > 1:
-        return list(rows.split(micro_batch_size))
-    return [rows[group] for group in length_buckets(lengths[rows], micro_batch_size)]
+def micro_batch_rows(rows: torch.Tensor, group_ids: torch.Tensor, micro_batch_size: int) -> list[torch.Tensor]:
+    """This rank's rows of a minibatch as micro-batches of at most ``micro_batch_size`` rows (one backward each),
+    the rows of a prompt together (``group_ids`` [B]: a micro-batch runs each distinct prompt once). The count
+    depends on the row count only: under data parallelism every rank runs as many as the others."""
+    return list(rows[torch.argsort(group_ids[rows], stable=True)].split(micro_batch_size))
+
+
+def training_forward(trained, fn, prefill, input_ids, attention_mask, prompt_lens: torch.Tensor | None):
+    """``fn``'s per-token outputs [m, W] over one micro-batch's rows [m, L] through ``trained`` (a
+    ``distributed.Trained``), and the positions run. One process: length buckets and, if ``prompt_lens`` is
+    given, each distinct prompt once (``plan_rows``); several forwards then feed the micro-batch's one backward.
+    Under DDP or DeepSpeed a backward follows exactly one forward: the rows run in one call cut to the longest."""
+    if trained.direct:
+        plan = plan_rows(input_ids, attention_mask, len(input_ids), prompt_lens)
+        return forward_rows(fn, prefill, input_ids, attention_mask, plan), plan.positions
+    width = max(int(row_lengths(attention_mask).max()), 1)
+    return fn(input_ids[:, :width], attention_mask[:, :width], None, None), len(input_ids) * width
 
 
 def ppo_update(policy, batch, advantages, cfg: PPOConfig, temperature: float, generator: torch.Generator,
@@ -239,21 +394,24 @@ def ppo_update(policy, batch, advantages, cfg: PPOConfig, temperature: float, ge
     summed = [k for k in totals if k != "ppo/grad_norm"] + ["nonfinite"]  # per-rank sums, all-reduced per minibatch
     steps = skipped = positions = 0  # positions: token positions this rank ran forward and backward
     lengths = row_lengths(batch.attention_mask)  # [B]
+    share, prompt_lens = cfg.share_prompts, batch.prompt_lens.to(batch.input_ids.device)
+    score = lambda ids, mask, pos, cache: forward_logprobs(policy, ids, mask, temperature, True, pos, cache)  # noqa: E731
+    prefill = policy_prefill(policy)
     for rows in minibatch_indices(batch.size, cfg.epochs, cfg.minibatches, generator):
         mask_mb = batch.response_mask[rows]  # [b, L] the global minibatch
         denom = max(mask_mb.sum().item(), 1.0) if cfg.loss_agg == "token-mean" else float(len(rows))  # a masked-out minibatch: 0 loss
         tokens_mb = mask_mb.sum().clamp(min=1).item()
         stats = dict.fromkeys(summed, 0.0)
-        micro_batches = micro_batch_rows(distributed.split_rows(rows), lengths, cfg.micro_batch_size)  # this rank's rows
+        micro_batches = micro_batch_rows(distributed.split_rows(rows), batch.group_ids, cfg.micro_batch_size)  # this rank's rows
         skip = False
         for i, micro in enumerate(micro_batches):
             last = i == len(micro_batches) - 1
             width = max(int(lengths[micro].max()), 1)  # the micro-batch's longest row: the columns after it are padding
-            positions += len(micro) * width
             with policy.accumulating(last):
                 mask = batch.response_mask[micro, :width]
-                logprobs, entropy = forward_logprobs(policy, batch.input_ids[micro, :width], batch.attention_mask[micro, :width],
-                                                     temperature, with_entropy=True)
+                (logprobs, entropy), n = training_forward(policy, score, prefill, batch.input_ids[micro, :width],
+                                                          batch.attention_mask[micro, :width], prompt_lens[micro] if share else None)
+                positions += n
                 old = batch.old_logprobs[micro, :width]
                 pg_loss, ratio = clipped_surrogate(logprobs, old, advantages[micro, :width], cfg.clip_eps)
                 loss = aggregate(pg_loss, mask, cfg.loss_agg, denom, norm_tokens)

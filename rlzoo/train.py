@@ -34,8 +34,8 @@ from rlzoo import distributed, runs
 from rlzoo.algorithms import Estimator, build_estimator
 from rlzoo.engine import ENGINES, SamplingParams, context_length
 from rlzoo.errors import UserError, check_ranges
-from rlzoo.ppo import PPOConfig, batched_logprobs, kl_k1, kl_k3, masked_mean, masked_whiten, positions_run, ppo_update
-from rlzoo.rollout import EstimatorContext
+from rlzoo.ppo import PPOConfig, batched_logprobs, kl_k1, kl_k3, masked_mean, masked_whiten, plan_rows, ppo_update
+from rlzoo.rollout import EstimatorContext, RolloutBatch
 from rlzoo.seeds import Salt, derive_seed
 from rlzoo.tasks import PROMPT_TOKENIZATIONS, Problem, Task, fit_to_context, get_task, tokenization_mismatch
 
@@ -468,7 +468,7 @@ def build_trainer(cfg: TrainConfig, ppo_cfg: PPOConfig, task: Task, estimator: E
                               max_new_tokens=max_new_tokens, stop=task.stop, logprobs=cfg.old_logprobs == "sampler")
     ctx = EstimatorContext(policy=policy, tokenizer=tokenizer, engine=engine, task=task, sampling=sampling,
                            model_path=policy.config._name_or_path, device=device, seed=cfg.seed,
-                           prompt_tokenization=cfg.prompt_tokenization,
+                           prompt_tokenization=cfg.prompt_tokenization, share_prompts=ppo_cfg.share_prompts,
                            deepspeed_config=deepspeed_config, batch_rows=cfg.prompts_per_iteration * estimator.group_size)
     # The policy trains through DDP or DeepSpeed when launched so (ctx.prepare); the engine samples from `policy` itself.
     total_steps = cfg.iterations * ppo_cfg.epochs * ppo_cfg.minibatches
@@ -616,10 +616,17 @@ def run_eval(trainer: Trainer, eval_sets: dict[str, list[Problem]], seed: int) -
 # ----------------------------------------------------------------------------- one iteration
 
 
-def logprobs_of(t: Trainer, model, ids: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
+def logprobs_of(t: Trainer, model, batch: RolloutBatch) -> torch.Tensor:
     """Log-probs [B, L] of the batch's tokens under ``model``; each rank runs its rows (ranks meet: the rows gathered)."""
-    return distributed.gather_rows(lambda rows: batched_logprobs(model, ids[rows.start : rows.stop], attn[rows.start : rows.stop],
-                                                                 t.cfg.temperature, t.ppo_cfg.micro_batch_size), ids.shape[0])
+    ids, attn, prompt_lens = batch.input_ids.to(t.device), batch.attention_mask.to(t.device), scoring_prompt_lens(t, batch)
+    return distributed.gather_rows(lambda rows: batched_logprobs(
+        model, ids[rows.start : rows.stop], attn[rows.start : rows.stop], t.cfg.temperature, t.ppo_cfg.micro_batch_size,
+        None if prompt_lens is None else prompt_lens[rows.start : rows.stop]), ids.shape[0])
+
+
+def scoring_prompt_lens(t: Trainer, batch: RolloutBatch) -> torch.Tensor | None:
+    """The rows' prompt lengths [B] where forwards run each distinct prompt once (``ppo.share_prompts``), else None."""
+    return batch.prompt_lens if t.ppo_cfg.share_prompts else None
 
 
 def train_iteration(t: Trainer, it: int) -> dict:
@@ -644,13 +651,13 @@ def train_iteration(t: Trainer, it: int) -> dict:
     # 3. Log-probs of the sampled tokens under the sampling policy (the sampler's own, where it returned them:
     #    ``train.old_logprobs``) and under the reference.
     with watch("logprobs"):
-        ids, attn, mask = batch.input_ids.to(t.device), batch.attention_mask.to(t.device), batch.response_mask
+        mask = batch.response_mask
         recomputed = batch.old_logprobs is None or cfg.old_logprobs == "recompute"
         if recomputed:
-            batch.old_logprobs = logprobs_of(t, t.policy, ids, attn)
+            batch.old_logprobs = logprobs_of(t, t.policy, batch)
         kl_stats = {}
         if t.reference is not None:
-            batch.ref_logprobs = logprobs_of(t, t.reference, ids, attn)
+            batch.ref_logprobs = logprobs_of(t, t.reference, batch)
             kl_stats = {"kl/ref_k1": masked_mean(kl_k1(batch.old_logprobs, batch.ref_logprobs), mask).item(),
                         "kl/ref": masked_mean(kl_k3(batch.old_logprobs, batch.ref_logprobs), mask).item()}
             if ppo_cfg.kl_mode == "k1-reward":
@@ -689,7 +696,8 @@ def train_iteration(t: Trainer, it: int) -> dict:
                                               + estimated_flops(t.critic_params, trained, backward=True))
     stage_flops = {
         "generation": estimated_flops(t.policy_params, generation_tokens),
-        "logprobs": estimated_flops(t.policy_params, positions_run(batch.attention_mask, ppo_cfg.micro_batch_size)
+        "logprobs": estimated_flops(t.policy_params, plan_rows(batch.input_ids, batch.attention_mask, ppo_cfg.micro_batch_size,
+                                                              scoring_prompt_lens(t, batch)).positions
                                     * (int(recomputed) + int(t.reference is not None))),
         **{p: estimated_flops(t.policy_params, n - rollout_tokens_before.get(p, 0)) for p, n in ctx.forward_tokens.items()},
         "advantages": critic_flops(*critic_tokens[:2]),  # a critic's forward inside the estimator
@@ -712,7 +720,8 @@ def train_iteration(t: Trainer, it: int) -> dict:
         **{f"tokens/{k}": ctx.tokens[k] for k in ctx.tokens},
         **{f"tokens_iter/{k}": ctx.tokens[k] - tokens_before.get(k, 0) for k in ctx.tokens},
         "batch/tokens": batch_tokens,
-        "batch/real_tokens": int(batch.attention_mask.sum()),  # B x L less the padding: the least any pass can run
+        "batch/real_tokens": int(batch.attention_mask.sum()),  # B x L less the padding: what a pass over whole rows runs at least
+        "batch/response_tokens": int(batch.response_mask.sum()),  # the least any pass can run (prompts shared: ``ppo.plan_rows``)
         **{f"flops/{k}": v for k, v in stage_flops.items() if v},
         "time/iteration": distributed.all_reduce(time.perf_counter() - t_start, "max"),  # the slowest rank's: budgets agree (ranks meet)
     } | {"memory/peak_rss_mb": peak_memory_mb()}

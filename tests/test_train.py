@@ -87,8 +87,9 @@ def test_every_strategy_runs_and_changes_the_policy(algo, tiny_policy_path, tmp_
         assert {"flops/generation", "flops/logprobs", "flops/update"} <= set(stages) and all(v > 0 for v in stages.values())
         assert r["flops/total"] == total + sum(stages.values())
         total = r["flops/total"]
-        # micro-batches of rows of similar length run to their longest row: between the real tokens and B x L
-        within = lambda flops, per_position: per_position * r["batch/real_tokens"] <= flops <= per_position * r["batch/tokens"]  # noqa: E731
+        # micro-batches of rows of similar length run to their longest row, each prompt shared by several rows once:
+        # between the response tokens and B x L
+        within = lambda flops, per_position: per_position * r["batch/response_tokens"] <= flops <= per_position * r["batch/tokens"]  # noqa: E731
         assert r["batch/real_tokens"] < r["batch/tokens"]  # rows of several lengths: some padding to leave out
         assert within(r["flops/update"], 6 * n_policy * 1)  # ppo.epochs = 1
         assert within(r["flops/logprobs"], 2 * n_policy * 1)  # the reference's (the policy's came with the samples)
@@ -126,14 +127,14 @@ def test_every_evaluation_of_an_unchanged_policy_scores_the_same(tiny_policy_pat
     first = next(r for r in runs.read_jsonl(tmp_path / "rloo" / "metrics.jsonl") if r["kind"] == "eval")
     assert {k: v for k, v in first.items() if k.startswith("eval/")} == {k: v for k, v in scores[0].items() if "ood_test" not in k}
     assert any("ood_test" in k for k in scores[0])
-    # the update's FLOPs: 6·N per position run (forward + backward), every epoch: at least the real tokens twice,
-    # at most the whole padded batch twice
+    # the update's FLOPs: 6·N per position run (forward + backward), every epoch: at least the response tokens twice
+    # (a prompt of 2 samples in a micro-batch runs once), at most the whole padded batch twice
     from transformers import AutoModelForCausalLM
 
     n_policy = _parameters(AutoModelForCausalLM.from_pretrained(tiny_policy_path))
     for r in records:
         if r["kind"] == "train":
-            assert 6 * n_policy * r["batch/real_tokens"] * 2 <= r["flops/update"] <= 6 * n_policy * r["batch/tokens"] * 2
+            assert 6 * n_policy * r["batch/response_tokens"] * 2 <= r["flops/update"] <= 6 * n_policy * r["batch/tokens"] * 2
 
 
 @pytest.mark.slow
