@@ -343,6 +343,7 @@ def summarize(runs: list[Run], baseline: str = "ppo", metric: str = "pass@1") ->
         "warnings": warnings,
         "runs": [
             {"path": str(r.path), "algo": r.algo, "seed": r.seed, "status": r.status, "model": r.info.get("model"),
+             "model_sha256": r.info.get("model_sha256"),
              "budget": r.info.get("budget"), "command": r.info.get("command"),
              **{k: per_run[str(r.path)][k] for k in ("iterations", "episodes", "train_seconds", "initial_train", "final_train",
                                                     "initial_test", "final_test", "best_test", "final_ood_test",
@@ -392,6 +393,10 @@ def caveats(groups: dict[str, list[Run]], baseline: str) -> list[str]:
         seen = sorted({json.dumps(r.info.get(key), sort_keys=True) for r in runs})
         if len(seen) > 1:
             out.append(f"runs differ in {what} ({', '.join(seen)}): the comparison is not controlled")
+    digests = sorted({r.info["model_sha256"][:12] for r in runs if r.info.get("model_sha256")})  # runs from before it have none
+    if len(digests) > 1:
+        out.append(f"runs started from different weights (sha256 {', '.join(digests)}...): the comparison is not controlled "
+                   f"(the same model built or trained elsewhere: the default policy built on another kind of CPU rounds differently)")
     dropped = sorted({json.dumps({k: v for k, v in (r.info.get("dropped_problems") or {}).items() if v}, sort_keys=True)
                       for r in runs} - {"{}"})
     if dropped:  # train fitted the task to the model's context (rlzoo.tasks.fit_to_context)

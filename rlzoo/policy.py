@@ -140,6 +140,18 @@ def load_policy(name_or_path: str, device: str | torch.device = "cpu", dtype: st
     return disable_dropout(model).to(device).eval(), tokenizer
 
 
+def weights_digest(model: torch.nn.Module) -> str:
+    """sha256 of ``model``'s state (each tensor's name, dtype, shape and bytes): equal digests mean the very same
+    weights, whatever folder or hub id they were loaded from. The default policy built on another kind of CPU has
+    another digest (its SFT rounds differently), so a leaderboard can tell runs from different starts apart."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        flat = tensor.detach().cpu().contiguous().reshape(-1)
+        digest.update(f"{name}:{flat.dtype}:{tuple(tensor.shape)}\n".encode())
+        digest.update(flat.view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
 def disable_dropout(model: torch.nn.Module) -> torch.nn.Module:
     """``model`` with every dropout off, in train mode too, as the VinePPO reference's ``disable_dropout``.
 

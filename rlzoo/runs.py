@@ -9,7 +9,8 @@ A run folder holds one training run (one strategy, one task, one seed)::
                         "command", "started", "dropped_problems": {split: N} (problems whose prompt leaves too
                         little of the model's context for a response, left out; ``rlzoo.tasks.fit_to_context``),
                         "prompt_tokenization_mismatch": {"sampled", "alone", "joint"} (fractions of train prompts
-                        that tokenize differently from the start of prompt + target; ``tokenization_mismatch``)};
+                        that tokenize differently from the start of prompt + target; ``tokenization_mismatch``),
+                        "model_sha256" (``policy.weights_digest`` of the weights the run started from)};
                         "status" is "running" | "finished" | "failed"
       config.gin        the operative gin config (every binding that took effect)
       metrics.jsonl     one JSON object per line, appended and flushed per record (see below)

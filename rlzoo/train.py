@@ -343,6 +343,7 @@ class Trainer:
     train_problems: list[Problem]  # the train split, fitted to the model's context
     eval_sets: dict[str, list[Problem]]  # the train subset and each eval split, fitted likewise
     task_fit: dict  # what run.json records of the fitting: problems dropped per split, prompt tokenization mismatch
+    start_digest: str  # ``policy.weights_digest`` of the policy as loaded, before any update (rank 0; "" elsewhere)
     policy: torch.nn.Module
     reference: torch.nn.Module | None  # the frozen initial policy (None without a KL term)
     tokenizer: Any
@@ -381,7 +382,10 @@ def _train_owned(run_dir: Path, cfg: TrainConfig, ppo_cfg: PPOConfig, task: Task
     eval_sets = trainer.eval_sets
     progress = resume(run_dir, trainer, deepspeed_config)
     if main:
-        write_run_start(run_dir, identity | trainer.task_fit, cfg, command, previous)
+        # The digest of the weights the run started from, as first recorded (a resume reloads the base model only for
+        # its frozen reference; the policy comes from the checkpoint).
+        start = {"model_sha256": previous.get("model_sha256") or trainer.start_digest}
+        write_run_start(run_dir, identity | trainer.task_fit | start, cfg, command, previous)
     distributed.barrier()  # no rank reads the run folder while rank 0 rewrites it
     log = MetricsLog(run_dir, progress) if main else None
     # One sampling seed for every evaluation of the run (and, with the same run seed, of every strategy):
@@ -452,9 +456,10 @@ def build_trainer(cfg: TrainConfig, ppo_cfg: PPOConfig, task: Task, estimator: E
     """The policy, its frozen reference (the *initial* policy, also on resume), the engine, the task's problems
     fitted to the model, the estimator's context, the policy made trainable (one process, DDP or DeepSpeed, as
     launched) and the estimator set up."""
-    from rlzoo.policy import load_policy
+    from rlzoo.policy import load_policy, weights_digest
 
     policy, tokenizer = load_policy(cfg.model, device=device)
+    start_digest = weights_digest(policy) if distributed.is_main() else ""  # run.json's model_sha256 (rank 0 writes it)
     policy_params = parameter_count(policy)
     use_ref = ppo_cfg.kl_mode != "none" and ppo_cfg.kl_coef > 0
     reference = copy.deepcopy(policy).eval().requires_grad_(False) if use_ref else None
@@ -478,7 +483,7 @@ def build_trainer(cfg: TrainConfig, ppo_cfg: PPOConfig, task: Task, estimator: E
     critic = estimator.critic
     # A critic the estimator owns is metered wherever it runs (its forward in `advantages`, its update in `critic`).
     return Trainer(cfg=cfg, ppo_cfg=replace(ppo_cfg, loss_agg=estimator.loss_agg or ppo_cfg.loss_agg), task=task,
-                   estimator=estimator, train_problems=train_problems, eval_sets=eval_sets, task_fit=task_fit,
+                   estimator=estimator, train_problems=train_problems, eval_sets=eval_sets, task_fit=task_fit, start_digest=start_digest,
                    policy=policy, reference=reference, tokenizer=tokenizer,
                    engine=engine, ctx=ctx, sampling=sampling, device=device,
                    norm_tokens=ppo_cfg.loss_norm_tokens or max_new_tokens, policy_params=policy_params,

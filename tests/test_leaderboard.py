@@ -367,6 +367,36 @@ def test_unfinished_runs_and_uncontrolled_budgets_are_flagged(tmp_path):
     assert "not finished" in text and "grpo-seed0 (running)" in text and "differ in budgets" in text
 
 
+def test_runs_that_started_from_different_weights_are_flagged(tmp_path):
+    for name, algo, digest in (("a", "ppo", "ab" * 32), ("b", "grpo", "ab" * 32), ("c", "rloo", None)):
+        write_run_folder(tmp_path / name, algo, 0, {0: (0.4, 0.4), 10: (0.6, 0.5)})
+        if digest:  # "c": a run from before the digest was recorded (not flagged for lacking it)
+            write_run(tmp_path / name, json.loads((tmp_path / name / "run.json").read_text()) | {"model_sha256": digest})
+    assert not [w for w in summarize(find_runs([tmp_path]))["warnings"] if "different weights" in w]
+    write_run(tmp_path / "b", json.loads((tmp_path / "b" / "run.json").read_text()) | {"model_sha256": "cd" * 32})
+    res = summarize(find_runs([tmp_path]))
+    (warning,) = [w for w in res["warnings"] if "different weights" in w]
+    assert "abababababab, cdcdcdcdcdcd" in warning and "not controlled" in warning
+    assert {r["model_sha256"] for r in res["runs"]} == {"ab" * 32, "cd" * 32, None}
+
+
+def test_the_weights_digest_tells_equal_weights_from_a_changed_bit():
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from rlzoo.policy import weights_digest
+
+    config = LlamaConfig(vocab_size=16, hidden_size=8, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2)
+    torch.manual_seed(0)
+    a = LlamaForCausalLM(config)
+    torch.manual_seed(0)
+    b = LlamaForCausalLM(config)
+    assert weights_digest(a) == weights_digest(b) and len(weights_digest(a)) == 64
+    with torch.no_grad():
+        b.model.norm.weight[0] = torch.nextafter(b.model.norm.weight[0], torch.tensor(2.0))  # one ulp
+    assert weights_digest(a) != weights_digest(b)
+
+
 def _run_from_other_task(root):
     write_run_folder(root / "a", "ppo", 0, {0: (0.4, 0.4), 5: (0.5, 0.5)})
     write_run_folder(root / "b", "grpo", 0, {0: (0.4, 0.4), 5: (0.5, 0.5)}, task="gsm8k")

@@ -126,6 +126,11 @@ def test_every_evaluation_of_an_unchanged_policy_scores_the_same(tiny_policy_pat
     assert _train(tmp_path / "rloo", "rloo", tiny_policy_path, SMALL + evaluated + only_test, budget="iterations=1") == 0
     first = next(r for r in runs.read_jsonl(tmp_path / "rloo" / "metrics.jsonl") if r["kind"] == "eval")
     assert {k: v for k, v in first.items() if k.startswith("eval/")} == {k: v for k, v in scores[0].items() if "ood_test" not in k}
+    # both runs record the weights they started from: the same policy, whatever trained on it since
+    from rlzoo.policy import load_policy, weights_digest
+
+    start = weights_digest(load_policy(tiny_policy_path)[0])
+    assert runs.read_run(tmp_path / "grpo")["model_sha256"] == runs.read_run(tmp_path / "rloo")["model_sha256"] == start
     assert any("ood_test" in k for k in scores[0])
     # the update's FLOPs: 6·N per position run (forward + backward), every epoch: at least the response tokens twice
     # (a prompt of 2 samples in a micro-batch runs once), at most the whole padded batch twice
