@@ -112,7 +112,7 @@ class ValuePPO(Estimator):
             ids, attn = input_ids[rows.start : rows.stop], attention_mask[rows.start : rows.stop]
             out = torch.zeros(ids.shape, dtype=torch.float32, device=ids.device)  # [b, L], 0 off the rows' own positions (never read)
             plan = plan_rows(ids, attn, self.micro_batch_size, None if prompt_lens is None else prompt_lens[rows.start : rows.stop])
-            values = forward_rows(self.critic, lambda i, m, cache: self.critic(i, m, None, cache), ids, attn, plan)  # rows of similar length, cut to the longest
+            values = forward_rows(self.critic, lambda i, m, cache: self.critic(i, m, None, cache), ids, attn, plan)  # [b, W]
             if values is not None:
                 out[:, : values.shape[1]] = values.float()
             return out

@@ -69,8 +69,8 @@ def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: floa
 
 def model_inputs(model, position_ids: torch.Tensor | None = None, cache=None) -> dict:
     """Keyword arguments of a transformers forward for explicit ``position_ids`` and a KV ``cache`` (read, and
-    filled in place with this call's keys and values): transformers 5 names the cache argument ``cache``,
-    older versions ``past_key_values``."""
+    filled in place with this call's keys and values): recent transformers releases name the cache argument
+    ``cache`` (5.25 does), earlier ones ``past_key_values`` (5.0 does)."""
     kwargs = {} if position_ids is None else {"position_ids": position_ids}
     if cache is not None:
         parameters = inspect.signature(getattr(model, "module", model).forward).parameters  # a Trained: its plain module
