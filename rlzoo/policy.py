@@ -245,13 +245,13 @@ def rlzoo_home() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "rlzoo"
 
 
-def _sft_data(cfg: PretrainConfig, home: Path | None) -> tuple[object, list[tuple[str, str]], Path]:
-    """The SFT task, its (prompt, target) train pairs, and the cache folder of the policy ``cfg`` builds.
+KEY_PAIRS = 256  # the policy's cache key hashes the first train pairs (and their count), not the whole pool
 
-    The task gets its constructor's defaults with ``cfg.task_kwargs`` over them, passed explicitly so
-    that the run's gin bindings of the task (``--set arith.test_size=20``) neither reach the pretrain
-    nor trigger a rebuild; the pretrain's task is set by ``pretrain.task_kwargs`` alone.
-    """
+
+def _sft_task(cfg: PretrainConfig, **overrides):
+    """The SFT task: its constructor's defaults with ``cfg.task_kwargs`` over them (and ``overrides`` over both),
+    passed explicitly so that the run's gin bindings of the task (``--set arith.test_size=20``) neither reach the
+    pretrain nor trigger a rebuild; the pretrain's task is set by ``pretrain.task_kwargs`` alone."""
     import inspect
 
     from rlzoo.tasks import TASKS
@@ -263,17 +263,34 @@ def _sft_data(cfg: PretrainConfig, home: Path | None) -> tuple[object, list[tupl
     unknown = set(cfg.task_kwargs) - set(defaults)
     if unknown:
         raise UserError(f"pretrain.task_kwargs: task {cfg.task!r} has no knob {', '.join(sorted(unknown))}; it has {', '.join(defaults)}")
-    task = task_cls(**{**defaults, **cfg.task_kwargs})
-    pairs = [(task.prompt(p), task.target(p)) for p in task.problems("train")]
+    return task_cls(**{**defaults, **cfg.task_kwargs, **overrides}), {**defaults, **cfg.task_kwargs}
+
+
+def _folder(cfg: PretrainConfig, home: Path | None, head: list[tuple[str, str]], n: int) -> Path:
     # The key hashes the data as well as the config, so a change to how the task writes problems is a new policy.
-    blob = json.dumps({"format": PRETRAIN_FORMAT, "config": dataclasses.asdict(cfg), "data": pairs[:256], "n": len(pairs)}, sort_keys=True)
-    folder = Path(home or rlzoo_home()) / "policies" / f"default-{hashlib.sha256(blob.encode()).hexdigest()[:12]}"
-    return task, pairs, folder
+    blob = json.dumps({"format": PRETRAIN_FORMAT, "config": dataclasses.asdict(cfg), "data": head[:KEY_PAIRS], "n": n}, sort_keys=True)
+    return Path(home or rlzoo_home()) / "policies" / f"default-{hashlib.sha256(blob.encode()).hexdigest()[:12]}"
+
+
+def _sft_data(cfg: PretrainConfig, home: Path | None) -> tuple[object, list[tuple[str, str]], Path]:
+    """The SFT task, its (prompt, target) train pairs, and the cache folder of the policy ``cfg`` builds."""
+    task, _ = _sft_task(cfg)
+    pairs = [(task.prompt(p), task.target(p)) for p in task.problems("train")]
+    return task, pairs, _folder(cfg, home, pairs, len(pairs))
 
 
 def policy_folder(cfg: PretrainConfig, home: Path | None = None) -> Path:
-    """The cache folder of the policy ``cfg`` builds (it may not exist yet)."""
-    return _sft_data(cfg, home)[2]
+    """The cache folder of the policy ``cfg`` builds (it may not exist yet).
+
+    Drawn from a train pool of ``KEY_PAIRS`` problems, not the whole pool (100k for the default: 2.6 s at every
+    run's start): a task's larger train pool starts with the problems of a smaller one (arith draws its train
+    split from one stream), so the key is ``_sft_data``'s; ``pretrain`` checks that it is."""
+    knobs = _sft_task(cfg)[1]
+    size = knobs.get("train_size")
+    if not isinstance(size, int) or size <= KEY_PAIRS:
+        return _sft_data(cfg, home)[2]
+    task, _ = _sft_task(cfg, train_size=KEY_PAIRS)
+    return _folder(cfg, home, [(task.prompt(p), task.target(p)) for p in task.problems("train")], size)
 
 
 def default_policy_path(cfg: PretrainConfig | None = None, home: Path | None = None) -> Path:
@@ -336,6 +353,9 @@ def pretrain(cfg: PretrainConfig, home: Path | None = None, force: bool = False,
     task, pairs, folder = _sft_data(cfg, home)
     if not pairs:
         raise UserError(f"task {cfg.task!r} has no train problems to pretrain on")
+    if policy_folder(cfg, home) != folder:
+        raise RuntimeError(f"task {cfg.task!r}: a train pool of {KEY_PAIRS} problems does not start the larger one; "
+                           "policy_folder would name another policy than the one built here")
     if (folder / "pretrain.json").is_file() and not force:
         return folder
 

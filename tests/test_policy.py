@@ -14,7 +14,9 @@ from rlzoo.policy import (
     build_char_tokenizer,
     build_model,
     describe_policy,
+    _sft_data,
     load_policy,
+    policy_folder,
     pretrain,
     pretrain_config,
 )
@@ -76,6 +78,16 @@ def test_pretrain_is_cached_by_config(tmp_path):
     rebuilt = pretrain(cfg, home=tmp_path, force=True, progress=False)
     assert rebuilt == folder and weights.stat().st_mtime_ns != built_at
     assert sorted(p.name for p in folder.parent.iterdir()) == sorted([folder.name, other.name])
+
+
+@pytest.mark.parametrize("preset, knobs", [("default", {}), ("tiny", {}), ("tiny", {"train_size": 300}),
+                                          ("tiny", {"train_size": 100}), ("tiny", {"seed": 5})])
+def test_policy_folder_names_the_policy_that_pretrain_builds_without_drawing_the_whole_pool(tmp_path, preset, knobs):
+    cfg = pretrain_config(preset)
+    cfg = dataclasses.replace(cfg, task_kwargs={**cfg.task_kwargs, **knobs})
+    assert policy_folder(cfg, tmp_path) == _sft_data(cfg, tmp_path)[2]  # what pretrain names its build
+    if knobs.get("seed"):  # other problems, another policy
+        assert policy_folder(cfg, tmp_path) != policy_folder(pretrain_config(preset), tmp_path)
 
 
 def test_pretrain_config_layers_preset_gin_and_overrides():
