@@ -380,6 +380,12 @@ def _train_owned(run_dir: Path, cfg: TrainConfig, ppo_cfg: PPOConfig, task: Task
         return run_dir
     trainer = build_trainer(cfg, ppo_cfg, task, estimator, deepspeed_config, device)
     eval_sets = trainer.eval_sets
+    recorded = previous.get("model_sha256")
+    moved = main and bool(recorded) and recorded != trainer.start_digest
+    # ranks meet: a resume reloads the base model as its frozen KL reference, so it must be the run's starting point
+    distributed.check(not moved, f"{run_dir} started from other weights than model {cfg.model!r} loads now (model_sha256 "
+                      f"{recorded[:12]}..., now {trainer.start_digest[:12]}...; the built-in policy differs by CPU kind): "
+                      "resume it where those weights are, or pick a fresh --out" if moved else "")
     progress = resume(run_dir, trainer, deepspeed_config)
     if main:
         # The digest of the weights the run started from, as first recorded (a resume reloads the base model only for

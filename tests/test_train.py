@@ -250,6 +250,25 @@ def test_sigint_saves_a_checkpoint_and_exits_cleanly(tiny_policy_path, tmp_path)
     assert (tmp_path / "checkpoints" / latest / "state.pt").exists()
 
 
+def test_a_resume_from_other_base_weights_is_one_line_and_exit_2(tiny_policy_path, tmp_path, capsys):
+    # the base model is reloaded on resume as the frozen KL reference: other weights under the same name (the default
+    # policy rebuilt on another kind of CPU) would change the run silently
+    bindings = SMALL + ["grpo.group_size = 2"]
+    assert _train(tmp_path, "grpo", tiny_policy_path, bindings) == 0
+    run = runs.read_run(tmp_path) | {"status": "running"}  # as if killed after its last checkpoint
+    runs.write_run(tmp_path, run | {"model_sha256": "0" * 64})
+    metrics = (tmp_path / "metrics.jsonl").read_text()
+    capsys.readouterr()
+    assert _train(tmp_path, "grpo", tiny_policy_path, bindings) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "started from other weights" in err[0] and "000000000000" in err[0], err
+    assert (tmp_path / "metrics.jsonl").read_text() == metrics  # nothing resumed, nothing cut
+    runs.write_run(tmp_path, run)  # the weights it started from: it resumes
+    assert _train(tmp_path, "grpo", tiny_policy_path, bindings) == 0
+    assert runs.read_run(tmp_path)["status"] == "finished"
+    assert [r["iteration"] for r in runs.read_jsonl(tmp_path / "metrics.jsonl") if r["kind"] == "train"] == [1, 2]
+
+
 def test_bad_train_input_is_one_line_and_exit_2(tiny_policy_path, tmp_path, capsys):
     for args in (["--algo", "nope"], ["--algo", "grpo", "--budget", "weeks=3"], ["--algo", "grpo", "--set", "train.nope = 1"],
                  ["--algo", "grpo", "--model", str(tmp_path / "missing")],
