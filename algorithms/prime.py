@@ -23,8 +23,9 @@ from (``load_learned``), or trains one by ``rlzoo train`` with the policy frozen
 Simplifies relative to the paper / verl recipe: no prompt filtering by accuracy (the paper keeps prompts with
 0.2 <= accuracy <= 0.8); the PRM is updated *after* the advantages of the iteration are taken (verl's
 ``update: after``; the paper's default updates before scoring), one CE pass per batch; the PRM and its reference
-score at temperature 1; no oversampling. The frozen reference's forward passes are not in the FLOPs the loop
-meters, nor in the audit's compute (only the PRM, ``estimator.critic``, is: π_ref costs as much again).
+score at temperature 1; no oversampling. The loop meters the frozen reference's forwards in the FLOPs of
+``advantages`` beside the PRM's (every model an estimator holds counts); the audit's compute counts the PRM only
+(``estimator.critic``: π_ref costs as much again).
 """
 
 from __future__ import annotations

@@ -353,8 +353,9 @@ class Trainer:
     device: torch.device
     norm_tokens: int  # the loss normaliser of ppo_update
     policy_params: int  # N of the FLOPs estimate, for the policy, its reference and its sampler
-    critic_params: int  # the same for a critic the estimator owns (0: none)
-    critic_meter: "TokenMeter | None"  # token positions run through that critic
+    # Each model the estimator owns (its critic, a frozen reference of its own: ``owned_models``): its N and a meter of
+    # the token positions run through it, wherever it runs (its forward in `advantages`, its update in `critic`)
+    owned: list[tuple[int, "TokenMeter"]]
 
 
 @dataclass
@@ -486,15 +487,20 @@ def build_trainer(cfg: TrainConfig, ppo_cfg: PPOConfig, task: Task, estimator: E
     ctx.prepare("policy", policy, lr=cfg.lr, betas=tuple(cfg.adam_betas), weight_decay=cfg.weight_decay,
                 max_grad_norm=ppo_cfg.max_grad_norm, micro_batch_size=ppo_cfg.micro_batch_size, lr_lambda=lr_lambda(cfg, total_steps))
     estimator.setup(ctx)
-    critic = estimator.critic
-    # A critic the estimator owns is metered wherever it runs (its forward in `advantages`, its update in `critic`).
     return Trainer(cfg=cfg, ppo_cfg=replace(ppo_cfg, loss_agg=estimator.loss_agg or ppo_cfg.loss_agg), task=task,
                    estimator=estimator, train_problems=train_problems, eval_sets=eval_sets, task_fit=task_fit, start_digest=start_digest,
                    policy=policy, reference=reference, tokenizer=tokenizer,
                    engine=engine, ctx=ctx, sampling=sampling, device=device,
                    norm_tokens=ppo_cfg.loss_norm_tokens or max_new_tokens, policy_params=policy_params,
-                   critic_params=parameter_count(critic) if critic is not None else 0,
-                   critic_meter=TokenMeter(critic) if critic is not None else None)
+                   owned=[(parameter_count(m), TokenMeter(m)) for m in owned_models(estimator, policy)])
+
+
+def owned_models(estimator: Estimator, policy: torch.nn.Module) -> list[torch.nn.Module]:
+    """The models an estimator holds after ``setup``, each once: its ``critic`` and any other (PRIME's frozen π_ref),
+    found by type, not by name, so that every model a strategy runs counts in its FLOPs; not the policy (metered
+    by the loop, its extra rollouts by the engine)."""
+    found = [estimator.critic] + [v for v in vars(estimator).values() if isinstance(v, torch.nn.Module)]
+    return list({id(m): m for m in found if m is not None and m is not policy}.values())
 
 
 def fit_task(cfg: TrainConfig, task: Task, tokenizer, context: int | None, max_new_tokens: int):
@@ -676,13 +682,14 @@ def train_iteration(t: Trainer, it: int) -> dict:
 
     # 4. Credit: the only strategy-specific step. Its extra rollouts time themselves under their own purpose
     #    (nested spans: the stopwatch counts each second once, in the innermost span).
-    critic_before = t.critic_meter.counts() if t.critic_meter else [0, 0]  # [forward, trained] token positions
+    owned_counts = lambda: [n for _, meter in t.owned for n in meter.counts()]  # noqa: E731  [forward, trained] per model
+    owned_before = owned_counts()
     with watch("advantages"):
         credit = estimator.advantages(batch, ctx)
-    critic_mid = t.critic_meter.counts() if t.critic_meter else [0, 0]
+    owned_mid = owned_counts()
     with watch("critic"):
         critic_stats = estimator.update_critic(batch, credit, ctx)
-    critic_after = t.critic_meter.counts() if t.critic_meter else [0, 0]
+    owned_after = owned_counts()
     raw = credit.advantages
     loss_mask = mask if credit.loss_mask is None else credit.loss_mask  # [B, L]: the tokens the loss covers
     advantages = masked_whiten(raw, loss_mask) if ppo_cfg.whiten_advantages else raw  # [B, L]
@@ -700,19 +707,19 @@ def train_iteration(t: Trainer, it: int) -> dict:
     # 6. Estimated FLOPs by stage (``estimated_flops``) of the positions each pass ran (micro-batches cut to their
     #    longest row); generation, update and critic counts are per rank, hence the sum (ranks meet).
     batch_tokens = batch.size * batch.input_ids.shape[1]
-    generation_tokens, update_tokens, *critic_tokens = map(int, distributed.all_reduce(
+    generation_tokens, update_tokens, *owned_tokens = map(int, distributed.all_reduce(
         [float(generation_tokens), float(update_stats.pop("ppo/positions"))]
-        + [float(b - a) for a, b in zip(critic_before + critic_mid, critic_mid + critic_after)]))
-    critic_flops = lambda forward, trained: (estimated_flops(t.critic_params, forward)  # noqa: E731
-                                              + estimated_flops(t.critic_params, trained, backward=True))
+        + [float(b - a) for a, b in zip(owned_before + owned_mid, owned_mid + owned_after)]))
+    owned_flops = lambda counts: sum(estimated_flops(n, forward) + estimated_flops(n, trained, backward=True)  # noqa: E731
+                                     for (n, _), forward, trained in zip(t.owned, counts[::2], counts[1::2]))
     stage_flops = {
         "generation": estimated_flops(t.policy_params, generation_tokens),
         "logprobs": estimated_flops(t.policy_params, plan_rows(batch.input_ids, batch.attention_mask, ppo_cfg.micro_batch_size,
                                                               scoring_prompt_lens(t, batch)).positions
                                     * (int(recomputed) + int(t.reference is not None))),
         **{p: estimated_flops(t.policy_params, n - rollout_tokens_before.get(p, 0)) for p, n in ctx.forward_tokens.items()},
-        "advantages": critic_flops(*critic_tokens[:2]),  # a critic's forward inside the estimator
-        "critic": critic_flops(*critic_tokens[2:]),
+        "advantages": owned_flops(owned_tokens[: len(owned_before)]),  # the estimator's models inside it (a critic's forward)
+        "critic": owned_flops(owned_tokens[len(owned_before) :]),
         "update": estimated_flops(t.policy_params, update_tokens, backward=True),
     }
 

@@ -100,9 +100,9 @@ def test_every_strategy_runs_and_changes_the_policy(algo, tiny_policy_path, tmp_
             n_critic = _parameters(ValueModel(str(tiny_policy_path)))
             assert within(r["flops/advantages"], 2 * n_critic)
             assert within(r["flops/critic"], 6 * n_critic * 2)  # value_ppo.critic_epochs = 2
-        elif algo == "prime":  # the implicit PRM's forward (in advantages) and its CE update (its frozen reference is not metered)
-            n_prm = n_policy  # initialised from the policy checkpoint
-            assert within(r["flops/advantages"], 2 * n_prm)
+        elif algo == "prime":  # the forwards of the implicit PRM and its frozen π_ref (in advantages), the PRM's CE update
+            n_prm = n_policy  # both from the policy checkpoint
+            assert within(r["flops/advantages"], 2 * n_prm + 2 * n_prm)
             assert within(r["flops/critic"], 6 * n_prm * 1)  # prime.prm_epochs = 1
         else:
             assert "flops/critic" not in stages and "flops/advantages" not in stages
