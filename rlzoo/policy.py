@@ -282,7 +282,7 @@ def _sft_data(cfg: PretrainConfig, home: Path | None) -> tuple[object, list[tupl
 def policy_folder(cfg: PretrainConfig, home: Path | None = None) -> Path:
     """The cache folder of the policy ``cfg`` builds (it may not exist yet).
 
-    Drawn from a train pool of ``KEY_PAIRS`` problems, not the whole pool (100k for the default: 2.6 s at every
+    Drawn from a train pool of ``KEY_PAIRS`` problems, not the whole pool (100k for the default: 0.84 s at every
     run's start): a task's larger train pool starts with the problems of a smaller one (arith draws its train
     split from one stream), so the key is ``_sft_data``'s; ``pretrain`` checks that it is."""
     knobs = _sft_task(cfg)[1]
